@@ -1,0 +1,1 @@
+"""The embedded demo model (temporary; the demo engineer fills this package)."""
