@@ -20,6 +20,9 @@
 namespace fam {
 namespace lowpass {
 
+// Element type of z / z_ref / out across the raw-pointer CUDA launchers.
+enum class FloatKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
 // Row r of the (B*C*H, W) view of a (B, C, H, W) tensor with arbitrary strides.
 struct RowAddressing {
   int64_t channels, height, stride_b, stride_c, stride_h, stride_w;
