@@ -77,4 +77,24 @@ FAM_HD T am_blend(T high_res, T native, float lam) {
   return high_res * (1.0f - lam) + native * lam;
 }
 
+// One attention pass of a CUDA launch (csrc/cuda/am_attention.cu, called by
+// csrc/cuda/am_attention_binding.cpp): queries (pairs, n_q, d) against keys and
+// values (pairs, n_k, d), pairs = batch * heads, unit stride along d everywhere.
+// With blending, out = am_blend(attention, native[pair][native_token(i)], lam),
+// native being (pairs, n_k / pool_size, d) fp32 contiguous.
+enum class AmDtype { kFloat32, kFloat16, kBFloat16 };
+
+struct AmPassArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  const float* native;
+  int64_t q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn, o_sb, o_sh, o_sn;
+  int64_t heads, n_q, n_k;
+  int d;
+  float qk_scale_log2, lam;
+  AmGrid grid;
+};
+
 }  // namespace fam
