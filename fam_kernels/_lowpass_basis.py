@@ -39,10 +39,6 @@ def band_rank(n: int, kept: int) -> int:
     return kept + (kept - 1) - (1 if nyquist else 0)
 
 
-def covers_axis(n: int, kept: int) -> bool:
-    return band_rank(n, kept) == n
-
-
 @dataclass(frozen=True)
 class BandBasis:
     """Orthonormal real basis of one axis' band, float32, on one device.

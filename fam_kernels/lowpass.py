@@ -69,9 +69,8 @@ def _torch_spectral(z, z_ref, kept_h: int, kept_w: int, gain: float) -> torch.Te
     """rfft along W keeping the band's bins, FFT along H masked to the band, inverse."""
     H, W = z.shape[-2:]
     band = torch.fft.rfft(_as_float(z_ref) - _as_float(z), dim=-1)[..., :kept_w]
-    if not basis.covers_axis(H, kept_h):
-        mask = basis.fft_band_mask(H, kept_h, z.device)
-        band = torch.fft.ifft(torch.fft.fft(band, dim=-2) * mask, dim=-2)
+    mask = basis.fft_band_mask(H, kept_h, z.device)
+    band = torch.fft.ifft(torch.fft.fft(band, dim=-2) * mask, dim=-2)
     lowpassed = torch.fft.irfft(F.pad(band, (0, W // 2 + 1 - kept_w)), n=W, dim=-1)
     return torch.add(_as_float(z), lowpassed, alpha=gain).to(z.dtype).contiguous()
 

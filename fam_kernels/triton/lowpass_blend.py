@@ -133,3 +133,22 @@ def lowpass_blend_triton(z: torch.Tensor, z_ref: torch.Tensor, basis_h: torch.Te
     _gemm(planes(lp_coeffs), Operand.shared(basis_w, transpose=True), planes(out), H, W, rank_w, P, C,
           c_add=planes(z), gain=gain)
     return out
+
+
+# The kernel variants the host code launches: (DIFF, BLEND, element type of the
+# inputs it reads / the output it writes). The middle stages are float32 only.
+LAUNCHED_VARIANTS = [(True, False, "fp32"), (False, False, "fp32"), (False, True, "fp32"),
+                     (True, False, "fp16"), (True, False, "bf16"), (False, True, "fp16"), (False, True, "bf16")]
+
+
+def aot_signature(diff: bool, blend: bool, io: str):
+    """Triton signature and constexprs of one launched variant, for fam_kernels.triton.aot.compile_kernel."""
+    strides = [f"s_{t}{d}" for t, dims in (("a", "bcmk"), ("x", "bcmk"), ("b", "bckn"), ("c", "bcmn"), ("y", "bcmn"))
+               for d in dims]
+    sig = {"a_ptr": "*fp32", "a_sub_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32", "c_add_ptr": "*fp32",
+           "M": "i32", "N": "i32", "K": "i32", "channels": "i32", "gain": "fp32", **{s: "i32" for s in strides}}
+    if diff:
+        sig["a_ptr"] = sig["a_sub_ptr"] = f"*{io}"
+    if blend:
+        sig["c_ptr"] = sig["c_add_ptr"] = f"*{io}"
+    return sig, {"DIFF": diff, "BLEND": blend, **DEFAULT_CONFIG}
