@@ -147,20 +147,20 @@ def _triton(q, k, v, q_lr, k_lr, lam: float, grid: AmGrid, scale: float) -> torc
     return am_attention_triton(q, k, v, q_lr, k_lr, lam, grid, scale)
 
 
-def _cpu_reasons(device: torch.device, head_dim: int) -> List[str]:
+def _cpu_reasons(device: str, head_dim: int) -> List[str]:
     reasons = []
-    if device.type != "cpu":
-        reasons.append(f"needs CPU tensors, got {device.type}")
+    if device != "cpu":
+        reasons.append(f"needs CPU tensors, got {device}")
     why = extension_unavailable_reason()
     if why:
         reasons.append(why)
     return reasons
 
 
-def _cuda_reasons(device: torch.device, head_dim: int) -> List[str]:
+def _cuda_reasons(device: str, head_dim: int) -> List[str]:
     reasons = []
-    if device.type != "cuda":
-        reasons.append(f"needs CUDA tensors, got {device.type}")
+    if device != "cuda":
+        reasons.append(f"needs CUDA tensors, got {device}")
     if not has_cuda_kernels():
         reasons.append(extension_unavailable_reason() or "fam_kernels._C was built without CUDA kernels")
     if head_dim > MAX_HEAD_DIM["cuda"]:
@@ -168,17 +168,17 @@ def _cuda_reasons(device: torch.device, head_dim: int) -> List[str]:
     return reasons
 
 
-def _triton_reasons(device: torch.device, head_dim: int) -> List[str]:
+def _triton_reasons(device: str, head_dim: int) -> List[str]:
     from .triton import interpreting, triton_unavailable_reason
 
     reasons = []
     why = triton_unavailable_reason()
     if why:
         reasons.append(why)
-    if device.type == "cpu" and not interpreting():
+    if device == "cpu" and not interpreting():
         reasons.append("CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before first use")
-    elif device.type not in ("cpu", "cuda"):
-        reasons.append(f"needs CUDA tensors, got {device.type}")
+    elif device not in ("cpu", "cuda"):
+        reasons.append(f"needs CUDA tensors, got {device}")
     if head_dim > MAX_HEAD_DIM["triton"]:
         reasons.append(f"head_dim must be <= {MAX_HEAD_DIM['triton']}, got {head_dim}")
     return reasons
@@ -194,6 +194,14 @@ DISPATCHER = Dispatcher(
         Backend("cuda", _compiled_op, _cuda_reasons, auto_devices=()),
     ],
 )
+
+
+
+@torch.compiler.assume_constant_result
+def choose_backend(backend: str | None, device_type: str, head_dim: int) -> str:
+    """The backend's name (constant under torch.compile: selection reads the
+    environment and the extension's state, never tensors)."""
+    return DISPATCHER.select(backend, device_type, device=device_type, head_dim=head_dim).name
 
 
 # --------------------------------------------------------------------------- registered op
@@ -225,5 +233,5 @@ def am_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lr: torch.
     :data:`DISPATCHER`'s names.
     """
     lam, grid, scale = _check_inputs(q, k, v, q_lr, k_lr, lam, hr_size, lr_size, scale)
-    chosen = DISPATCHER.select(backend, q.device.type, device=q.device, head_dim=q.shape[-1])
-    return _am_attention_op(q, k, v, q_lr, k_lr, lam, grid.H, grid.W, grid.h, grid.w, scale, chosen.name)
+    chosen = choose_backend(backend, q.device.type, q.shape[-1])
+    return _am_attention_op(q, k, v, q_lr, k_lr, lam, grid.H, grid.W, grid.h, grid.w, scale, chosen)
