@@ -93,16 +93,13 @@ def fft_band_mask(n: int, kept: int, device: torch.device) -> torch.Tensor:
     return (torch.minimum(b, n - b) < kept).to(device=device, dtype=torch.float32)[:, None]
 
 
-# Measured on the 2-core CPU (benchmarks/bench_lowpass_blend.py): a GEMM pass over a
-# plane with a rank-r basis costs about as much as an FFT pass once r exceeds ~12 %
-# of the line length (unfolded GEMMs); the folded GEMMs of the C++ backend halve
-# the GEMM work, doubling the break-even rank.
-GEMM_FFT_BREAK_EVEN = 0.12
+# Measured on the 2-core CPU, one thread, at 128^2 .. 512^2 (forms rows of
+# benchmarks/bench_lowpass_blend.py): the low-rank form beats the spectral one while
+# its GEMM work per element, rank_w * (1 + rank_h / H), stays below this share of W.
+# The cpu backend's folded GEMMs do half the work, hence its higher limit.
+LOWRANK_WORK_LIMIT = {"torch": 0.08, "cpu": 0.11}
 
 
-def prefer_lowrank(height: int, width: int, rank_h: int, rank_w: int, folded: bool) -> bool:
-    """True when the low-rank GEMM form is cheaper than the spectral (FFT) form."""
-    gemm_work = rank_w * (1.0 + rank_h / height)  # per element: W-side GEMMs + the smaller H side
-    if folded:
-        gemm_work /= 2
-    return gemm_work <= GEMM_FFT_BREAK_EVEN * width
+def prefer_lowrank(height: int, width: int, rank_h: int, rank_w: int, backend: str) -> bool:
+    """True when ``backend``'s low-rank GEMM form is cheaper than its spectral (FFT) form."""
+    return rank_w * (1.0 + rank_h / height) <= LOWRANK_WORK_LIMIT[backend] * width

@@ -77,7 +77,7 @@ def _torch_spectral(z, z_ref, kept_h: int, kept_w: int, gain: float) -> torch.Te
 
 def _run_torch(z, z_ref, kept_h, kept_w, gain):
     H, W = z.shape[-2:]
-    lowrank = basis.prefer_lowrank(H, W, basis.band_rank(H, kept_h), basis.band_rank(W, kept_w), folded=False)
+    lowrank = basis.prefer_lowrank(H, W, basis.band_rank(H, kept_h), basis.band_rank(W, kept_w), "torch")
     return (_torch_lowrank if lowrank else _torch_spectral)(z, z_ref, kept_h, kept_w, gain)
 
 
@@ -94,7 +94,7 @@ def _folded_bases(z, kept_h, kept_w):
 def _run_cpu(z, z_ref, kept_h, kept_w, gain):
     H, W = z.shape[-2:]
     ops = torch.ops.fam_C
-    if basis.prefer_lowrank(H, W, basis.band_rank(H, kept_h), basis.band_rank(W, kept_w), folded=True):
+    if basis.prefer_lowrank(H, W, basis.band_rank(H, kept_h), basis.band_rank(W, kept_w), "cpu"):
         return ops.lowpass_blend_lowrank(z, z_ref, *_folded_bases(z, kept_h, kept_w), gain)
     return ops.lowpass_blend_spectral(z, z_ref, basis.fft_band_mask(H, kept_h, z.device), kept_w, gain)
 

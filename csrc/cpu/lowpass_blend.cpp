@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "fam/lowpass_math.h"
 #include "fam/lowpass_pipeline.h"
@@ -43,6 +44,8 @@ void with_unit_stride(bool unit, const Body& body) {
   }
 }
 
+// Each row: the difference into a row buffer (a contiguous, vectorisable pass),
+// then folded from there into its slots.
 void fold_diff_w_cpu(const at::Tensor& z, const at::Tensor& z_ref, const at::Tensor& folded) {
   const int n = static_cast<int>(z.size(3));
   const RowAddressing za = addressing(z), ra = addressing(z_ref);
@@ -53,15 +56,18 @@ void fold_diff_w_cpu(const at::Tensor& z, const at::Tensor& z_ref, const at::Ten
     with_unit_stride(za.stride_w == 1 && ra.stride_w == 1, [&](auto unit) {
       const int64_t zs = unit ? 1 : za.stride_w, rs = unit ? 1 : ra.stride_w;
       at::parallel_for(0, rows_of(z), kRowGrain, [&](int64_t begin, int64_t end) {
+        std::vector<float> diff(n);
+        float* d = diff.data();
         for (int64_t row = begin; row < end; ++row) {
           const scalar_t* zr = zp + za.offset(row);
           const scalar_t* rr = rp + ra.offset(row);
+          for (int j = 0; j < n; ++j) d[j] = static_cast<float>(rr[j * rs]) - static_cast<float>(zr[j * zs]);
           float* o = out + row * n;
-          const auto diff = [&](int j) { return static_cast<float>(rr[j * rs]) - static_cast<float>(zr[j * zs]); };
-          const auto put = [&](int slot, float v) { o[slot] = v; };
+          const auto read = [d](int j) { return d[j]; };
+          const auto put = [o](int slot, float v) { o[slot] = v; };
           lowpass::for_each_pair(
-              n, [&](int j) { lowpass::fold_pair(n, j, diff, put); },
-              [&](int j) { lowpass::fold_mirrored(n, j, diff, put); });
+              n, [&](int j) { lowpass::fold_pair(n, j, read, put); },
+              [&](int j) { lowpass::fold_mirrored(n, j, read, put); });
         }
       });
     });
@@ -99,6 +105,8 @@ void transform_h_cpu(const at::Tensor& x, const at::Tensor& out) {
   });
 }
 
+// Each row: unfolded into a row buffer, then blended with z in a contiguous pass
+// (so `folded` may share memory with a float32 `out`).
 void unfold_w_blend_cpu(const at::Tensor& z, const at::Tensor& folded, double gain, const at::Tensor& out) {
   const int n = static_cast<int>(z.size(3));
   const RowAddressing za = addressing(z);
@@ -110,17 +118,18 @@ void unfold_w_blend_cpu(const at::Tensor& z, const at::Tensor& folded, double ga
     with_unit_stride(za.stride_w == 1, [&](auto unit) {
       const int64_t zs = unit ? 1 : za.stride_w;
       at::parallel_for(0, rows_of(z), kRowGrain, [&](int64_t begin, int64_t end) {
+        std::vector<float> line(n);
+        float* l = line.data();
         for (int64_t row = begin; row < end; ++row) {
-          const scalar_t* zr = zp + za.offset(row);
           const float* f = fp + row * n;
-          scalar_t* o = op + row * n;
-          const auto read = [&](int slot) { return f[slot]; };
-          const auto put = [&](int i, float lp) {
-            o[i] = static_cast<scalar_t>(lowpass::blend(static_cast<float>(zr[i * zs]), lp, g));
-          };
+          const auto read = [f](int slot) { return f[slot]; };
+          const auto put = [l](int i, float v) { l[i] = v; };
           lowpass::for_each_pair(
               n, [&](int j) { lowpass::unfold_pair(n, j, read, put); },
               [&](int j) { lowpass::unfold_mirrored(n, j, read, put); });
+          const scalar_t* zr = zp + za.offset(row);
+          scalar_t* o = op + row * n;
+          for (int i = 0; i < n; ++i) o[i] = static_cast<scalar_t>(lowpass::blend(static_cast<float>(zr[i * zs]), l[i], g));
         }
       });
     });
@@ -201,7 +210,8 @@ void mm_into(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   }
 }
 
-const LowpassStages kCpuStages{fold_diff_w_cpu, transform_h_cpu<true>, transform_h_cpu<false>, unfold_w_blend_cpu};
+const LowpassStages kCpuStages{fold_diff_w_cpu, transform_h_cpu<true>, transform_h_cpu<false>, unfold_w_blend_cpu,
+                               /*blend_in_place=*/true};
 
 at::Tensor lowrank_cpu(const at::Tensor& z, const at::Tensor& z_ref, const at::Tensor& cos_h, const at::Tensor& sin_h,
                        const at::Tensor& cos_w, const at::Tensor& sin_w, double gain) {
@@ -240,8 +250,13 @@ at::Tensor lowpass_blend_lowrank_pipeline(const at::Tensor& z, const at::Tensor&
   const int64_t cos_rank_w = cos_w.size(1), sin_rank_w = sin_w.size(1), rank_w = cos_rank_w + sin_rank_w;
   const auto f32 = z.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous);
 
+  // One (P*H, W) float32 workspace holds the folded difference, then the folded
+  // low-pass; for float32 on the CPU it is the output itself (fresh pages are costly).
+  auto out = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool in_out = stages.blend_in_place && z.scalar_type() == at::kFloat;
+  auto folded = in_out ? out.view({planes * H, W}) : at::empty({planes * H, W}, f32);
+
   // W analysis: coefficients (P*H, rank_w) = [E C_w | O S_w] of the folded difference.
-  auto folded = at::empty({planes * H, W}, f32);
   stages.fold_diff_w(z, z_ref, folded);
   auto coeffs = at::empty({planes * H, rank_w}, f32);
   mm_into(coeffs.narrow(1, 0, cos_rank_w), folded.narrow(1, 0, even_w), cos_w);
@@ -261,11 +276,9 @@ at::Tensor lowpass_blend_lowrank_pipeline(const at::Tensor& z, const at::Tensor&
 
   // W synthesis into the folded layout, then unfold + blend + cast in one pass.
   auto lp_coeffs = lowpassed_coeffs.view({planes * H, rank_w});
-  auto lp_folded = at::empty({planes * H, W}, f32);
-  mm_into(lp_folded.narrow(1, 0, even_w), lp_coeffs.narrow(1, 0, cos_rank_w), cos_w.t());
-  mm_into(lp_folded.narrow(1, even_w, odd_w), lp_coeffs.narrow(1, cos_rank_w, sin_rank_w), sin_w.t());
-  auto out = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  stages.unfold_w_blend(z, lp_folded, gain, out);
+  mm_into(folded.narrow(1, 0, even_w), lp_coeffs.narrow(1, 0, cos_rank_w), cos_w.t());
+  mm_into(folded.narrow(1, even_w, odd_w), lp_coeffs.narrow(1, cos_rank_w, sin_rank_w), sin_w.t());
+  stages.unfold_w_blend(z, folded, gain, out);
   return out;
 }
 

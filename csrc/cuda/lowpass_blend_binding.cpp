@@ -78,7 +78,9 @@ void unfold_w_blend_cuda(const at::Tensor& z, const at::Tensor& folded, double g
                                                 out.data_ptr(), stream()));
 }
 
-const LowpassStages kCudaStages{fold_diff_w_cuda, fold_h_cuda, unfold_h_cuda, unfold_w_blend_cuda};
+// One thread per mirror pair: a pair's writes would race other pairs' reads, so never in place.
+const LowpassStages kCudaStages{fold_diff_w_cuda, fold_h_cuda, unfold_h_cuda, unfold_w_blend_cuda,
+                                /*blend_in_place=*/false};
 
 at::Tensor lowrank_cuda(const at::Tensor& z, const at::Tensor& z_ref, const at::Tensor& cos_h, const at::Tensor& sin_h,
                         const at::Tensor& cos_w, const at::Tensor& sin_w, double gain) {

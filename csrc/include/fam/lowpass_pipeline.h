@@ -16,6 +16,8 @@ struct LowpassStages {
   void (*unfold_h)(const at::Tensor& x, const at::Tensor& out);
   // out (B, C, H, W) contiguous, z's dtype <- z + gain * (folded (P*H, W) unfolded along W).
   void (*unfold_w_blend)(const at::Tensor& z, const at::Tensor& folded, double gain, const at::Tensor& out);
+  // unfold_w_blend may read `folded` from the memory of a float32 `out` it writes.
+  bool blend_in_place;
 };
 
 // z + gain * B_h B_h^T (z_ref - z) B_w B_w^T per plane, with the folded bases of

@@ -1,0 +1,154 @@
+"""Benchmark lowpass_blend (Frequency Modulation) on SDXL latent shapes.
+
+Every available backend, each form of the torch and cpu backends, the literal
+eq. 4 reference (fp32 FFTs, as a user would run it) and the memory-bandwidth floor
+(read z and z_ref, write one tensor: torch.sub into a preallocated output), all in
+the same run. Mid-schedule (t = T/2, c = 0.5: cutoff = size/4, gain 0.5) at every
+shape, and t/T in {0.1, 0.5, 0.9} at (2, 4, 512, 512). Also the Triton kernel's
+ahead-of-time sm_80 / sm_90 register, spill and shared-memory figures.
+
+    python -m benchmarks.bench_lowpass_blend [--quick] [--threads N]
+
+Writes benchmarks/results/lowpass_blend.csv and .md and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+import fam_kernels
+from benchmarks.common import device_description, markdown_table, row, time_fn, write_csv
+from fam_kernels import _lowpass_basis as basis
+from fam_kernels import lowpass as lp
+from fam_kernels.reference import lowpass_blend_reference
+
+OP = "lowpass_blend"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SHAPES = [(2, 4, 128, 128), (2, 4, 256, 256), (2, 4, 384, 384), (2, 4, 512, 512), (2, 4, 256, 512)]
+ACROSS_T_SHAPE = (2, 4, 512, 512)
+T = 1000
+
+
+def cases() -> List[Tuple[Tuple[int, ...], float]]:
+    mid = [(shape, 0.5) for shape in SHAPES]
+    return mid + [(ACROSS_T_SHAPE, r) for r in (0.1, 0.9)]
+
+
+def label(shape, rho) -> str:
+    return f"{'x'.join(map(str, shape))} t/T={rho}"
+
+
+def providers(z, zr, cutoff, gain) -> Dict[str, Callable[[], object]]:
+    """Name -> callable, for everything that runs on z's device."""
+    H, W = z.shape[-2:]
+    kh, kw = basis.kept_bins(H, cutoff[0]), basis.kept_bins(W, cutoff[1])
+    out = torch.empty_like(z)
+    fns = {
+        "reference": lambda: lowpass_blend_reference(z, zr, cutoff, gain),
+        "floor": lambda: torch.sub(zr, z, out=out),
+    }
+    for name in lp.DISPATCHER.names:
+        if not lp.DISPATCHER.backends[name].not_supported_reasons(z=z, z_ref=zr):
+            fns[name] = (lambda b: lambda: fam_kernels.lowpass_blend(z, zr, cutoff, gain, backend=b))(name)
+    fns["torch_lowrank"] = lambda: lp._torch_lowrank(z, zr, kh, kw, gain)
+    fns["torch_spectral"] = lambda: lp._torch_spectral(z, zr, kh, kw, gain)
+    if "cpu" in fns:
+        bases = lp._folded_bases(z, kh, kw)
+        mask = basis.fft_band_mask(H, kh, z.device)
+        fns["cpu_lowrank"] = lambda: torch.ops.fam_C.lowpass_blend_lowrank(z, zr, *bases, gain)
+        fns["cpu_spectral"] = lambda: torch.ops.fam_C.lowpass_blend_spectral(z, zr, mask, kw, gain)
+    return fns
+
+
+def run_timings(device: str, quick: bool):
+    rows, medians = [], {}
+    for shape, rho in cases():
+        z = torch.randn(shape, device=device)
+        zr = torch.randn(shape, device=device)
+        cutoff, gain = fam_kernels.fm_schedule(rho * T, T, shape[-2], shape[-1])
+        x = label(shape, rho)
+        for name, fn in providers(z, zr, cutoff, gain).items():
+            timing = time_fn(fn, device=device, warmup=1 if quick else 2, repeats=3 if quick else 15)
+            medians[(x, name)] = timing.median
+            rows.append(row(OP, name, "time", "ms", x, timing.median * 1e3, timing.p20 * 1e3, timing.p80 * 1e3,
+                            device=device))
+        print(f"  {x}: " + ", ".join(f"{n} {medians[(x, n)] * 1e3:.2f}" for n in providers(z, zr, cutoff, gain)),
+              flush=True)
+    return rows, medians
+
+
+def aot_figures():
+    """(rows for the CSV, table body) of the Triton kernel's default config per arch and variant."""
+    from fam_kernels.triton import lowpass_blend as k
+    from fam_kernels.triton.aot import ARCHS, compile_kernel
+
+    rows, body = [], []
+    for arch in ARCHS:
+        for variant in k.LAUNCHED_VARIANTS:
+            signature, constexprs = k.aot_signature(*variant)
+            rep = compile_kernel(k.lowpass_gemm_kernel, signature, constexprs, arch, num_warps=k.DEFAULT_NUM_WARPS)
+            name = f"diff={int(variant[0])} blend={int(variant[1])} {variant[2]}"
+            for metric, unit, value in (("registers", "count", rep.registers), ("spills", "bytes", rep.spills),
+                                        ("shared_memory", "bytes", rep.shared_bytes)):
+                rows.append(row(OP + "_triton_aot", f"sm_{arch}", metric, unit, name, value))
+            body.append([f"sm_{arch}", name, rep.registers, rep.spills, rep.shared_bytes])
+    return rows, body
+
+
+def report(medians, device: str, aot_body) -> str:
+    names = sorted({n for _, n in medians}, key=lambda n: (n not in ("reference", "floor"), n))
+    xs = list(dict.fromkeys(x for x, _ in medians))
+    backends = [n for n in lp.DISPATCHER.names if any((x, n) in medians for x in xs)]
+    header = ["case"] + [f"{n} ms" for n in names] + [f"{b} speed-up vs reference" for b in backends] + \
+        [f"{b} / floor" for b in backends]
+    body = []
+    for x in xs:
+        ms = [medians.get((x, n), float("nan")) * 1e3 for n in names]
+        speedups = [medians[(x, "reference")] / medians[(x, b)] for b in backends]
+        floors = [medians[(x, b)] / medians[(x, "floor")] for b in backends]
+        body.append([x] + ms + speedups + floors)
+    auto = lp.DISPATCHER.select(None, device, z=torch.empty(1, 1, 1, 1, device=device),
+                                z_ref=torch.empty(1, 1, 1, 1, device=device)).name
+    parts = [
+        f"# {OP} benchmark\n",
+        f"Device: {device_description(device)}; torch {torch.__version__}; fp32; medians. "
+        f"Default backend here: `{auto}`. Mid-schedule: t = T/2, c = 0.5 (cutoff = size/4, gain 0.5). "
+        "`floor`: read z and z_ref, write one tensor (torch.sub into a preallocated output). "
+        "`*_lowrank` / `*_spectral`: the two forms the torch and cpu backends choose between.\n",
+        markdown_table(header, body),
+    ]
+    if aot_body:
+        parts += ["\n## Triton kernel, default config (BLOCK 64x64x32, 4 warps), ahead-of-time compile\n",
+                  markdown_table(["arch", "variant", "registers", "spill bytes", "shared bytes"], aot_body)]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is steadier on a CPU shared with other jobs")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{OP}: {device_description(device)}", flush=True)
+    rows, medians = run_timings(device, args.quick)
+    try:
+        aot_rows, aot_body = aot_figures()
+    except Exception as exc:  # no Triton or no ptxas: the timings still stand
+        print(f"Triton AOT figures unavailable: {type(exc).__name__}: {exc}")
+        aot_rows, aot_body = [], []
+    write_csv(os.path.join(RESULTS, f"{OP}.csv"), rows + aot_rows)
+    text = report(medians, device, aot_body)
+    with open(os.path.join(RESULTS, f"{OP}.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
