@@ -117,20 +117,18 @@ def am_attention_torch(q, k, v, q_lr, k_lr, lam: float, grid: AmGrid, scale: flo
     the high-res SDPA output is then blended in place (one lerp, fp32 arithmetic),
     so the only N x d tensor is the output itself."""
     B, heads, N, d = q.shape
-    out = None
-    if lam < 1.0:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        like = torch.empty_like(q)
-        if out.stride() != like.stride():  # keep the layout register_fake promises
-            out = like.copy_(out)
-    if lam == 0.0:
-        return out
-    native = F.scaled_dot_product_attention(q_lr, k_lr, avg_pool_tokens(v, grid), scale=scale)
-    native_up = native.view(B, heads, grid.h, 1, grid.w, 1, d)
-    if out is None:
-        return torch.empty_like(q).copy_(native_up.expand(B, heads, grid.h, grid.s_h, grid.w, grid.s_w, d)
-                                         .reshape(B, heads, N, d))
-    out.unflatten(2, (grid.h, grid.s_h, grid.w, grid.s_w)).lerp_(native_up, lam)
+    native_up = None
+    if lam > 0.0:
+        native = F.scaled_dot_product_attention(q_lr, k_lr, avg_pool_tokens(v, grid), scale=scale)
+        native_up = native.unflatten(2, (grid.h, 1, grid.w, 1))
+    if lam == 1.0:
+        tiles = native_up.expand(B, heads, grid.h, grid.s_h, grid.w, grid.s_w, d)
+        return torch.empty_like(q).copy_(tiles.reshape(B, heads, N, d))
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if out.stride() != torch.empty_like(q, device="meta").stride():  # the layout register_fake promises
+        out = torch.empty_like(q).copy_(out)
+    if native_up is not None:
+        out.unflatten(2, (grid.h, grid.s_h, grid.w, grid.s_w)).lerp_(native_up, lam)
     return out
 
 
