@@ -33,6 +33,7 @@ from .guidance import GuidedUNet, TextConditioning
 from .modes import AM_SOURCES, MODES, UPSAMPLE_MODES, Mode, choose, skip_residual_weight
 from .sizes import Scale, Sizes, resolve_sizes
 
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "reference_latents", "modulated_latents")
 
 
@@ -176,8 +177,8 @@ class FAMPipeline:
     def __call__(
         self,
         prompt: Union[str, List[str], None] = None,
-        negative_prompt: Union[str, List[str], None] = None,
         *,
+        negative_prompt: Union[str, List[str], None] = None,
         prompt_2: Union[str, List[str], None] = None,
         negative_prompt_2: Union[str, List[str], None] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
@@ -225,7 +226,7 @@ class FAMPipeline:
 
         Returns :class:`FAMPipelineOutput`, or ``(images, native_images)``.
         """
-        mode_spec = self._check_mode(mode, upsample, fm_c, am_lambda, num_inference_steps)
+        mode_spec = self._check_mode(mode, upsample, output_type, fm_c, am_lambda, num_inference_steps)
         am_source = self._check_am_source(am_source, image, mode_spec)
         layers = resolve_am_layers(self.pipe.unet, am_layers) if mode_spec.attention_modulation else []
         sizes = self._resolve_sizes(scale, height, width, native_height, native_width, image)
@@ -240,32 +241,30 @@ class FAMPipeline:
         self._guidance_scale = float(guidance_scale if guidance_scale is not None else (5.0 if self.is_sdxl else 7.5))
         self._interrupt = False
         device = self.pipe._execution_device
-        text = self._encode_prompt(device, num_images_per_prompt, prompt, prompt_2, negative_prompt,
-                                   negative_prompt_2, prompt_embeds, negative_prompt_embeds,
-                                   pooled_prompt_embeds, negative_pooled_prompt_embeds)
-        native_unet = self._guided_unet(text, sizes.native, batch_size, device, cfg_sequential)
-        high_res_unet = self._guided_unet(text, sizes.target, batch_size, device, cfg_sequential)
         run = _Run(self, sizes=sizes, mode=mode_spec, steps=num_inference_steps, generator=generator,
-                   eta=eta, device=device, dtype=self.pipe.unet.dtype, batch_size=batch_size, text=text,
+                   eta=eta, device=device, dtype=self.pipe.unet.dtype, batch_size=batch_size,
                    fm_c=fm_c, upsample=upsample, am_source=am_source,
                    callback=callback_on_step_end, callback_inputs=tuple(callback_on_step_end_tensor_inputs))
-        cache = None
         try:
+            run.text = self._encode_prompt(device, num_images_per_prompt, prompt, prompt_2, negative_prompt,
+                                           negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                                           pooled_prompt_embeds, negative_pooled_prompt_embeds)
+            native_unet = self._guided_unet(run.text, sizes.native, batch_size, device, cfg_sequential)
+            high_res_unet = self._guided_unet(run.text, sizes.target, batch_size, device, cfg_sequential)
             with ExitStack() as stack:
                 if mode_spec.attention_modulation:
                     run.am = AttentionModulation(layers, am_lambda, sizes.native_latent, sizes.target_latent)
                     stack.enter_context(installed_processors(self.pipe.unet, layers, run.am))
                     if am_source == "cache":
                         cache_device = torch.device(am_cache_device) if am_cache_device is not None else None
-                        cache = run.cache = NativeAttentionCache(run.am, cache_device)
+                        run.cache = NativeAttentionCache(run.am, cache_device)
 
-                native_latent = None
+                native_latent = high_res_latent = None
                 if image is not None:
                     native_latent = self._encode_image(image, sizes, device)
                 elif mode_spec.native_pass:
                     native_latent = run.native_pass(native_unet)
-                high_res_latent = None
-                if not (self._interrupt and native_latent is not None and image is None):
+                if not self._interrupt:  # an interrupt during the native pass skips the high-res pass
                     high_res_latent = run.high_res_pass(high_res_unet, native_latent, native_unet)
 
             images = self._decode(high_res_latent, sizes.target, output_type, vae_tiling, device)
@@ -277,13 +276,14 @@ class FAMPipeline:
         if not return_dict:
             return images, native_images
         return FAMPipelineOutput(images=images, native_images=native_images,
-                                 am_cache_bytes=None if cache is None else cache.nbytes)
+                                 am_cache_bytes=None if run.cache is None else run.cache.nbytes)
 
     # ---------------------------------------------------------------- validation
     @staticmethod
-    def _check_mode(mode, upsample, fm_c, am_lambda, num_inference_steps) -> Mode:
+    def _check_mode(mode, upsample, output_type, fm_c, am_lambda, num_inference_steps) -> Mode:
         choose("mode", mode, tuple(MODES))
         choose("upsample", upsample, UPSAMPLE_MODES)
+        choose("output_type", output_type, OUTPUT_TYPES)
         if not (isinstance(fm_c, (int, float)) and fm_c >= 0):
             raise ValueError(f"fm_c={fm_c!r} must be a number >= 0")
         if not (isinstance(am_lambda, (int, float)) and 0 <= am_lambda <= 1):
@@ -390,12 +390,13 @@ class _Run:
     """The state of one FAMPipeline call: the two denoising loops."""
 
     def __init__(self, owner: FAMPipeline, *, sizes: Sizes, mode: Mode, steps: int, generator, eta: float,
-                 device, dtype, batch_size: int, text: TextConditioning, fm_c: float, upsample: str,
+                 device, dtype, batch_size: int, fm_c: float, upsample: str,
                  am_source: str, callback, callback_inputs):
         self.owner, self.pipe = owner, owner.pipe
         self.sizes, self.mode, self.steps = sizes, mode, steps
         self.generator, self.eta, self.device, self.dtype = generator, eta, device, dtype
-        self.batch_size, self.text = batch_size, text
+        self.batch_size = batch_size
+        self.text: Optional[TextConditioning] = None
         self.fm_c, self.upsample, self.am_source = fm_c, upsample, am_source
         self.callback, self.callback_inputs = callback, callback_inputs
         self.am: Optional[AttentionModulation] = None

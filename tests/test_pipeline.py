@@ -176,6 +176,13 @@ def test_recompute_and_cache_are_bit_identical(sdxl):
     assert not torch.equal(diffused.images, recompute.images)
 
 
+def test_without_guidance_recompute_and_cache_agree(sd):
+    recompute = run(sd, guidance_scale=1.0, am_source="recompute")
+    cache = run(sd, guidance_scale=1.0, am_source="cache")
+    assert torch.equal(recompute.images, cache.images)
+    assert not torch.equal(recompute.images, run(sd, guidance_scale=3.0).images)
+
+
 def test_recompute_and_cache_identical_with_sequential_cfg(sd):
     recompute = run(sd, am_source="recompute", cfg_sequential=True)
     cache = run(sd, am_source="cache", cfg_sequential=True)

@@ -22,6 +22,7 @@ def fam():
     ({"mode": "fast"}, r"mode='fast' is not one of 'fam', 'fm', 'am'"),
     ({"am_source": "disk"}, r"am_source='disk' is not one of 'recompute', 'cache', 'diffused'"),
     ({"upsample": "lanczos"}, r"upsample='lanczos'"),
+    ({"output_type": "jpeg"}, r"output_type='jpeg' is not one of 'pil', 'np', 'pt', 'latent'"),
     ({"am_layers": ["up_blocks.9"]}, r"am_layers: 'up_blocks.9' names no self-attention layer"),
     ({"am_layers": ["up_blocks.0.attentions.0.transformer_blocks.0.attn2"]}, r"am_layers: .* is a cross-attention"),
     ({"am_layers": []}, r"am_layers is empty"),
