@@ -24,6 +24,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
+#include <vector>
 
 #include "fam/am_math.h"
 
