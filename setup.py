@@ -32,7 +32,7 @@ def _extensions():
 
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
     link_flags = ["-fopenmp"]
 
     force_cuda = _flag("FAM_KERNELS_FORCE_CUDA")
@@ -52,7 +52,7 @@ def _extensions():
             cpu_sources + cuda_sources,
             include_dirs=include_dirs,
             define_macros=[("FAM_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=link_flags,
         )
     else:

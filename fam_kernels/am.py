@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
-from ._ext import extension_unavailable_reason, has_cuda_kernels
+from ._backend_reasons import compiled_cpu_reasons, compiled_cuda_reasons, triton_reasons
 from .dispatch import Backend, Dispatcher
 
 ENV_VAR = "FAM_KERNELS_AM_BACKEND"
@@ -145,41 +145,21 @@ def _triton(q, k, v, q_lr, k_lr, lam: float, grid: AmGrid, scale: float) -> torc
     return am_attention_triton(q, k, v, q_lr, k_lr, lam, grid, scale)
 
 
+def _head_dim_reasons(backend: str, head_dim: int) -> List[str]:
+    limit = MAX_HEAD_DIM.get(backend)
+    return [f"head_dim must be <= {limit}, got {head_dim}"] if limit is not None and head_dim > limit else []
+
+
 def _cpu_reasons(device: str, head_dim: int) -> List[str]:
-    reasons = []
-    if device != "cpu":
-        reasons.append(f"needs CPU tensors, got {device}")
-    why = extension_unavailable_reason()
-    if why:
-        reasons.append(why)
-    return reasons
+    return compiled_cpu_reasons(device) + _head_dim_reasons("cpu", head_dim)
 
 
 def _cuda_reasons(device: str, head_dim: int) -> List[str]:
-    reasons = []
-    if device != "cuda":
-        reasons.append(f"needs CUDA tensors, got {device}")
-    if not has_cuda_kernels():
-        reasons.append(extension_unavailable_reason() or "fam_kernels._C was built without CUDA kernels")
-    if head_dim > MAX_HEAD_DIM["cuda"]:
-        reasons.append(f"head_dim must be <= {MAX_HEAD_DIM['cuda']}, got {head_dim}")
-    return reasons
+    return compiled_cuda_reasons(device) + _head_dim_reasons("cuda", head_dim)
 
 
 def _triton_reasons(device: str, head_dim: int) -> List[str]:
-    from .triton import interpreting, triton_unavailable_reason
-
-    reasons = []
-    why = triton_unavailable_reason()
-    if why:
-        reasons.append(why)
-    if device == "cpu" and not interpreting():
-        reasons.append("CPU tensors run only under Triton's interpreter: set TRITON_INTERPRET=1 before first use")
-    elif device not in ("cpu", "cuda"):
-        reasons.append(f"needs CUDA tensors, got {device}")
-    if head_dim > MAX_HEAD_DIM["triton"]:
-        reasons.append(f"head_dim must be <= {MAX_HEAD_DIM['triton']}, got {head_dim}")
-    return reasons
+    return triton_reasons(device) + _head_dim_reasons("triton", head_dim)
 
 
 DISPATCHER = Dispatcher(

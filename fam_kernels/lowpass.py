@@ -39,10 +39,9 @@ import torch.nn.functional as F
 
 from . import _lowpass_basis as basis
 from ._checks import check_real_in_range, check_same_device_dtype, check_tensor, pair
-from ._ext import extension, extension_unavailable_reason, has_cuda_kernels
+from ._backend_reasons import compiled_cpu_reasons, compiled_cuda_reasons, triton_reasons
 from .dispatch import Backend, Dispatcher
 from .schedule import fm_schedule  # noqa: F401  (public: lowpass_blend's schedule)
-from .triton import interpreting, triton_unavailable_reason
 
 ENV_VAR = "FAM_KERNELS_LOWPASS_BACKEND"
 
@@ -120,33 +119,15 @@ def _no_reasons(**_) -> List[str]:
 
 
 def _cpu_reasons(z, **_) -> List[str]:
-    reasons = []
-    if extension() is None:
-        reasons.append(extension_unavailable_reason())
-    if z.device.type != "cpu":
-        reasons.append(f"needs CPU tensors, got {z.device.type}")
-    return reasons
+    return compiled_cpu_reasons(z.device.type)
 
 
 def _cuda_reasons(z, **_) -> List[str]:
-    reasons = []
-    if extension() is None:
-        reasons.append(extension_unavailable_reason())
-    elif not has_cuda_kernels():
-        reasons.append("extension built without CUDA kernels")
-    if z.device.type != "cuda":
-        reasons.append(f"needs CUDA tensors, got {z.device.type}")
-    return reasons
+    return compiled_cuda_reasons(z.device.type)
 
 
 def _triton_reasons(z, **_) -> List[str]:
-    reasons = []
-    why = triton_unavailable_reason()
-    if why:
-        reasons.append(why)
-    if z.device.type != "cuda" and not (z.device.type == "cpu" and interpreting()):
-        reasons.append(f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {z.device.type}")
-    return reasons
+    return triton_reasons(z.device.type)
 
 
 DISPATCHER = Dispatcher(

@@ -15,13 +15,7 @@ STEPS = 2
 SDXL_AM_LAYERS = [f"up_blocks.0.attentions.{a}.transformer_blocks.{b}.attn1" for a in range(2) for b in range(2)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are dominated by per-op overhead; one thread avoids contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

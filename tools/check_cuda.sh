@@ -18,7 +18,7 @@ n=0
 for cu in csrc/cuda/*.cu; do
   [ -e "$cu" ] || continue
   for arch in 80 90; do
-    "$NVCC" -std=c++17 -O3 -Icsrc/include -gencode "arch=compute_${arch},code=sm_${arch}" \
+    "$NVCC" -std=c++20 -O3 -Icsrc/include -gencode "arch=compute_${arch},code=sm_${arch}" \
       -Xptxas -v -c "$cu" -o "$OUT/$(basename "$cu").sm${arch}.o" 2> "$OUT/log" || { cat "$OUT/log" >&2; exit 1; }
     spills=$(grep -Eo "[1-9][0-9]* bytes spill (stores|loads)" "$OUT/log" || true)
     echo "nvcc OK  $cu sm_${arch}${spills:+  (spills: $spills)}"
@@ -30,7 +30,7 @@ TORCH_INC=$("$PY" -c "from torch.utils.cpp_extension import include_paths; print
 PY_INC=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 for cpp in csrc/cuda/*.cpp; do
   [ -e "$cpp" ] || continue
-  g++ -std=c++17 -fsyntax-only -DFAM_WITH_CUDA=1 -Icsrc/include $TORCH_INC -I"$PY_INC" -I"$CUDA_ROOT/include" "$cpp"
+  g++ -std=c++20 -fsyntax-only -DFAM_WITH_CUDA=1 -Icsrc/include $TORCH_INC -I"$PY_INC" -I"$CUDA_ROOT/include" "$cpp"
   echo "g++ syntax OK  $cpp"
   n=$((n + 1))
 done

@@ -14,8 +14,12 @@
 #include <cuda_runtime.h>
 
 #include "fam/am_math.h"
+#include "fam/cuda_dtype.cuh"
 
 namespace fam_cuda_am {
+
+using fam::from_float;
+using fam::to_float;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
@@ -23,19 +27,6 @@ constexpr int kQueriesPerWarp = 4;
 constexpr int kBlockQ = kWarps * kQueriesPerWarp;
 constexpr int kKeyTile = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // kChunks: head dim padded to 32 * kChunks (d <= 128).
 template <class T, class TOut, int kChunks, bool kBlend>
