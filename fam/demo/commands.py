@@ -1,7 +1,99 @@
-"""CLI hook for `fam demo` and `fam eval` (temporary; the demo engineer replaces it).
+"""CLI hook for `fam demo` and `fam eval` (fam/cli.py calls ``register(subparsers)``).
 
-fam/cli.py calls ``register(subparsers)``; it adds the demo's subcommands."""
+Each subcommand stores its handler as ``func`` (``set_defaults(func=...)``); the
+handler takes the parsed namespace and returns an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .evaluation import load_fam_pipeline
+    from .showcase import DEMO_PROMPTS, run_demo, summarize
+
+    _threads(args.threads)
+    t0 = time.perf_counter()
+    print("fam demo: loading the embedded model (offline) ...", flush=True)
+    fp = load_fam_pipeline()
+    print(f"loaded in {time.perf_counter() - t0:.1f}s; generating native, 2x2, 3x3, 4x4 and 2x4 in modes "
+          f"fam / direct / direct_native ({args.steps} steps, guidance {args.guidance})", flush=True)
+    prompts = args.prompt or DEMO_PROMPTS
+    res = run_demo(fp, out_dir=args.out, prompts=prompts, steps=args.steps, guidance_scale=args.guidance,
+                   seed=args.seed, log=lambda m: print(m, flush=True))
+    print()
+    print(summarize(res))
+    print(f"\nwrote {len(res.files)} PNGs under {res.out_dir}")
+    print(f"contact sheet: {res.sheet}")
+    print(f"total {res.total_seconds:.0f}s")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import EVAL_PROMPTS, EvalConfig, evaluate
+
+    _threads(args.threads)
+    cfg = EvalConfig.quick() if args.quick else EvalConfig()
+    if args.prompts:
+        cfg.prompts = EVAL_PROMPTS[:args.prompts]
+    if args.seeds:
+        cfg.seeds = tuple(range(args.seeds))
+    if args.modes:
+        cfg.modes = args.modes.split(",")
+    if args.scales:
+        cfg.scales = args.scales.split(",")
+    cfg.steps = args.steps
+    cfg.guidance_scale = args.guidance
+    cfg.save_images = args.save_images
+    csv_path = os.path.join(args.out, "quality.csv") if args.csv is None else args.csv
+    md_path = os.path.join(args.out, "quality.md") if args.md is None else args.md
+    evaluate(cfg, csv_path or None, md_path or None, log=lambda m: print(m, flush=True))
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
+    from .evaluation import DEFAULT_GUIDANCE, DEFAULT_STEPS, MODES, SCALES
+
+    p.add_argument("--quick", action="store_true", help="4 prompts x 1 seed, scales 2x2 and 4x4")
+    p.add_argument("--prompts", type=int, default=None, help="use the first N evaluation prompts (max 8)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 2)")
+    p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--scales", default=None, help=f"comma-separated subset of {','.join(SCALES)}")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--out", default=default_out, help="folder for quality.csv and quality.md")
+    p.add_argument("--csv", default=None, help="CSV path (overrides --out; '' to skip)")
+    p.add_argument("--md", default=None, help="markdown path (overrides --out; '' to skip)")
+    p.add_argument("--save-images", default=None, metavar="DIR", help="also save every generated image")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
 def register(subparsers) -> None:
-    return None
+    p = subparsers.add_parser(
+        "demo", help="generate native/2x/3x/4x/2x4 images with the embedded model and a contact sheet",
+        description="Load the embedded demo model offline and generate, for a few prompts, the native image "
+                    "and the 2x2, 3x3, 4x4 and 2x4 results in modes fam, direct and direct_native; write the "
+                    "PNGs and one labelled contact sheet.")
+    p.add_argument("--out", default="fam-demo-output", help="output folder (default ./fam-demo-output)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per pass (default 20)")
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeat for several); default: three built-in captions")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=cmd_demo)
+
+    e = subparsers.add_parser(
+        "eval", help="quality evaluation of the FAM ablation modes on the embedded model",
+        description="Object count, structure consistency (PSNR/SSIM) and detail per mode and scale.")
+    add_eval_arguments(e, default_out="fam-eval-output")
+    e.set_defaults(func=cmd_eval)

@@ -1,0 +1,27 @@
+"""Quality evaluation of the FAM ablation on the embedded demo model.
+
+Same implementation as ``fam eval`` (fam/demo/evaluation.py); writes
+benchmarks/results/quality.csv and quality.md by default.
+
+    python benchmarks/eval_quality.py            # default set (8 prompts x 2 seeds)
+    python benchmarks/eval_quality.py --quick    # 4 prompts x 1 seed, 2x2 and 4x4
+"""
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from fam.demo.commands import add_eval_arguments, cmd_eval  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_arguments(p, default_out=os.path.join(ROOT, "benchmarks", "results"))
+    return cmd_eval(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

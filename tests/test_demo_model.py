@@ -1,0 +1,114 @@
+"""The embedded demo model: offline loading, architecture, text encoding, generation
+through FAMPipeline, and the `fam demo` / `fam eval` plumbing at tiny step counts."""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fam
+import fam.demo as demo
+from fam.demo import commands
+from fam.demo.evaluation import EvalConfig, aggregate, markdown_table, run_eval, write_csv
+from fam.demo.model import MAX_TOKENS, MODEL_DIR, encode_text, model_size_bytes, tokenize
+from fam.demo.segmentation import segment
+from fam.demo.showcase import run_demo
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return demo.load_pipeline()
+
+
+@pytest.fixture(scope="module")
+def fam_pipe(pipe):
+    fp = fam.FAMPipeline.from_pipe(pipe)
+    fp.set_progress_bar_config(disable=True)
+    return fp
+
+
+def test_model_folder_is_small_fp16_safetensors():
+    assert model_size_bytes(MODEL_DIR) <= 30 * 1024 * 1024
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        files = os.listdir(os.path.join(MODEL_DIR, sub))
+        assert any(f.endswith(".safetensors") for f in files), sub
+        assert not any(f.endswith(".bin") for f in files), sub
+    with open(os.path.join(MODEL_DIR, "model_index.json")) as f:
+        assert json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_architecture_is_sdxl_layout(pipe):
+    cfg = pipe.unet.config
+    assert tuple(cfg.down_block_types) == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert tuple(cfg.up_block_types) == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    assert cfg.addition_embed_type == "text_time"
+    assert type(pipe.unet.up_blocks[0]).__name__ == "CrossAttnUpBlock2D"
+    assert pipe.unet.dtype == torch.float32
+    assert pipe.vae.config.latent_channels == 4
+    assert cfg.sample_size * pipe.vae_scale_factor == demo.NATIVE_SIZE
+    for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        assert tok.model_max_length == MAX_TOKENS == enc.config.max_position_embeddings
+
+
+def test_every_grammar_word_is_one_token(pipe):
+    words = ["a", "on", "background"] + demo.SHAPES + demo.COLORS + demo.PATTERNS + demo.TONES
+    for w in words:
+        assert pipe.tokenizer.tokenize(w) == [w + "</w>"]
+
+
+def test_training_text_encoding_matches_the_pipeline(pipe):
+    prompts = [demo.caption("star", "red", "striped grey"), demo.caption("ring", "cyan", "plain beige")]
+    emb, pooled = encode_text(pipe.text_encoder, pipe.text_encoder_2, tokenize(pipe.tokenizer, prompts),
+                              tokenize(pipe.tokenizer_2, prompts))
+    ref, _, ref_pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(emb, ref)
+    torch.testing.assert_close(pooled, ref_pooled)
+
+
+def test_native_generation_offline(pipe):
+    img = pipe(demo.caption("circle", "blue", "plain grey"), num_inference_steps=3,
+               generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_fam_pipeline_small_scale(fam_pipe):
+    out = fam_pipe(prompt=demo.caption("star", "red", "striped grey"), scale=2, mode="fam", num_inference_steps=3,
+                   generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (1, 128, 128, 3) and out.native_images.shape == (1, 64, 64, 3)
+    assert np.isfinite(out.images).all()
+
+
+def test_cli_registers_demo_and_eval():
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["demo", "--out", "x", "--steps", "3"])
+    assert args.func is commands.cmd_demo and args.out == "x" and args.steps == 3
+    args = parser.parse_args(["eval", "--quick", "--modes", "fam,direct"])
+    assert args.func is commands.cmd_eval and args.quick and args.modes == "fam,direct"
+
+
+def test_demo_writes_pngs_and_contact_sheet(fam_pipe, tmp_path):
+    res = run_demo(fam_pipe, out_dir=str(tmp_path), prompts=[demo.caption("ring", "green", "plain grey")],
+                   modes=["fam", "direct"], scales=["2x2"], steps=2, log=lambda m: None)
+    assert os.path.exists(res.sheet) and len(res.files) == 3  # native + 2 modes
+    assert all(os.path.exists(f) for f in res.files)
+    from PIL import Image
+
+    sheet = Image.open(res.sheet)
+    assert sheet.width > 2 * 256 and sheet.height > 2 * 256
+
+
+def test_eval_pipeline_end_to_end(fam_pipe, tmp_path):
+    cfg = EvalConfig(prompts=[demo.caption("square", "orange", "plain slate")], seeds=(0,),
+                     modes=["direct", "fam"], scales=["2x2"], steps=2)
+    samples, native = run_eval(fam_pipe, cfg, log=lambda m: None)
+    rows = aggregate(samples)
+    assert [(r.scale, r.mode) for r in rows] == [("2x2", "direct"), ("2x2", "fam")]
+    assert native["n"] == 1
+    write_csv(rows, str(tmp_path / "q.csv"))
+    assert (tmp_path / "q.csv").read_text().splitlines()[0].startswith("scale,mode,n,one_object")
+    assert "| 2x2 | fam |" in markdown_table(rows)
