@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .metrics import to_float
+
 # A duplicated object generated at 4x the native size by direct inference keeps
 # its native pixel size: ~0.3-0.5% of the high-res image area; noise specks are
 # far smaller. 0.15% separates the two.
@@ -39,17 +41,6 @@ class Segmentation:
     labels: np.ndarray  # (H, W) int32, 0 = background, 1..count = kept components
 
 
-def _as_float(image) -> np.ndarray:
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    arr = np.asarray(image)
-    if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
-        arr = arr.transpose(1, 2, 0)
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    return np.clip(arr.astype(np.float32), 0.0, 1.0)
-
-
 def background_color(img: np.ndarray) -> np.ndarray:
     h, w, _ = img.shape
     b = max(1, round(0.04 * min(h, w)))
@@ -59,7 +50,7 @@ def background_color(img: np.ndarray) -> np.ndarray:
 
 
 def foreground_mask(image) -> np.ndarray:
-    img = _as_float(image)
+    img = to_float(image)
     mx, mn = img.max(axis=-1), img.min(axis=-1)
     chroma = mx - mn
     sat = chroma / np.maximum(mx, 1e-6)
