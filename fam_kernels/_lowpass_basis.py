@@ -27,8 +27,10 @@ import torch
 
 
 def kept_bins(n: int, cutoff: float) -> int:
-    """Number of rfft bins (0, 1, ...) of an n-point axis inside the band ``2|k| < cutoff``."""
-    return sum(1 for k in range(n // 2 + 1) if 2.0 * k < float(cutoff))
+    """Number of rfft bins (0, 1, ...) of an n-point axis inside the band ``2|k| < cutoff``:
+    the integers 0 <= k <= n // 2 with k < cutoff / 2 (halving a float is exact)."""
+    cutoff = float(cutoff)
+    return 0 if cutoff <= 0 else min(n // 2 + 1, math.ceil(cutoff / 2))
 
 
 def band_rank(n: int, kept: int) -> int:
