@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fam.demo import dataset as D
-from fam.demo.segmentation import connected_components, count_objects, segment, validate_segmentation
+from fam.demo.segmentation import (connected_components, count_objects, object_color, segment,
+                                   validate_segmentation)
 
 
 @pytest.mark.parametrize("size", [64, 128, 256])
@@ -24,6 +25,20 @@ def test_one_object_of_every_shape_on_every_pattern(pattern):
         color = D.COLORS[j % len(D.COLORS)]
         scene = D.sample_scene(D.scene_rng(5, j), shape=shape, color=color, pattern=pattern, tone=tone)
         assert count_objects(D.render(scene, 64)) == 1, (shape, color, pattern, tone)
+
+
+@pytest.mark.parametrize("color", D.COLORS)
+def test_object_color_names_the_rendered_colour(color):
+    for j, pattern in enumerate(D.PATTERNS):
+        scene = D.sample_scene(D.scene_rng(6, j), shape=D.SHAPES[j], color=color, pattern=pattern,
+                               tone=D.TONES[j % len(D.TONES)])
+        assert object_color(D.render(scene, 64)) == color, (color, pattern)
+
+
+def test_object_color_is_none_without_object():
+    scene = D.sample_scene(D.scene_rng(4, 0))
+    scene.objects = []
+    assert object_color(D.render(scene, 64)) is None
 
 
 def test_duplicated_object_counts_two():

@@ -24,7 +24,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _threads(args.threads)
     t0 = time.perf_counter()
     print("fam demo: loading the embedded model (offline) ...", flush=True)
-    fp = load_fam_pipeline()
+    fp = load_fam_pipeline(path=args.model)
     print(f"loaded in {time.perf_counter() - t0:.1f}s; generating native, 2x2, 3x3, 4x4 and 2x4 in modes "
           f"fam / direct / direct_native ({args.steps} steps, guidance {args.guidance})", flush=True)
     prompts = args.prompt or DEMO_PROMPTS
@@ -56,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg.save_images = args.save_images
     csv_path = os.path.join(args.out, "quality.csv") if args.csv is None else args.csv
     md_path = os.path.join(args.out, "quality.md") if args.md is None else args.md
-    evaluate(cfg, csv_path or None, md_path or None, log=lambda m: print(m, flush=True))
+    evaluate(cfg, csv_path or None, md_path or None, log=lambda m: print(m, flush=True), model_path=args.model)
     return 0
 
 
@@ -65,7 +65,7 @@ def add_eval_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
 
     p.add_argument("--quick", action="store_true", help="4 prompts x 1 seed, scales 2x2 and 4x4")
     p.add_argument("--prompts", type=int, default=None, help="use the first N evaluation prompts (max 8)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 2)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3)")
     p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--scales", default=None, help=f"comma-separated subset of {','.join(SCALES)}")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -75,6 +75,13 @@ def add_eval_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--md", default=None, help="markdown path (overrides --out; '' to skip)")
     p.add_argument("--save-images", default=None, metavar="DIR", help="also save every generated image")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    _add_model_argument(p)
+
+
+def _add_model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="a demo-layout StableDiffusionXLPipeline folder, e.g. a training checkpoint "
+                        "(default: the embedded model)")
 
 
 def register(subparsers) -> None:
@@ -90,6 +97,7 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", action="append", default=None,
                    help="a prompt (repeat for several); default: three built-in captions")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    _add_model_argument(p)
     p.set_defaults(func=cmd_demo)
 
     e = subparsers.add_parser(

@@ -49,7 +49,7 @@ DEFAULT_GUIDANCE = 5.0
 @dataclass
 class EvalConfig:
     prompts: Sequence[str] = field(default_factory=lambda: list(EVAL_PROMPTS))
-    seeds: Sequence[int] = (0, 1)
+    seeds: Sequence[int] = (0, 1, 2)
     modes: Sequence[str] = field(default_factory=lambda: list(MODES))
     scales: Sequence[str] = field(default_factory=lambda: list(SCALES))
     steps: int = DEFAULT_STEPS
@@ -72,6 +72,7 @@ class Sample:
     mode: str
     scale: str
     count: int
+    native_count: int  # objects in the native image of the same prompt and seed
     psnr: float
     ssim: float
     detail: float
@@ -116,8 +117,8 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print) -
                         natives[(prompt, seed)] = _np(ref.native_images[0])
                     native = natives[(prompt, seed)]
                     p, s = consistency(high, native)
-                    sample = Sample(prompt, seed, mode, scale_name, count_objects(high), p, s,
-                                    detail_ratio(high, native), dt)
+                    sample = Sample(prompt, seed, mode, scale_name, count_objects(high), count_objects(native),
+                                    p, s, detail_ratio(high, native), dt)
                     samples.append(sample)
                     if config.save_images:
                         from PIL import Image
@@ -142,6 +143,7 @@ class Row:
     scale: str
     n: int
     one_object: float
+    one_object_given_native: float  # among samples whose native image has one object (nan if none)
     mean_count: float
     psnr: float
     ssim: float
@@ -159,9 +161,11 @@ def aggregate(samples: Sequence[Sample]) -> List[Row]:
     for scale, mode in keys:
         group = [s for s in samples if s.scale == scale and s.mode == mode]
         finite = [s.psnr for s in group if math.isfinite(s.psnr)]
+        kept = [s.count == 1 for s in group if s.native_count == 1]
         rows.append(Row(
             mode=mode, scale=scale, n=len(group),
             one_object=float(np.mean([s.count == 1 for s in group])),
+            one_object_given_native=float(np.mean(kept)) if kept else math.nan,
             mean_count=float(np.mean([s.count for s in group])),
             psnr=float(np.mean(finite)) if finite else math.inf,
             ssim=float(np.mean([s.ssim for s in group])),
@@ -171,12 +175,17 @@ def aggregate(samples: Sequence[Sample]) -> List[Row]:
     return rows
 
 
-COLUMNS = ["scale", "mode", "n", "one_object", "mean_count", "psnr", "ssim", "detail", "seconds"]
-HEADERS = ["scale", "mode", "n", "1 object", "mean count", "PSNR dB", "SSIM", "detail x bicubic", "s/image"]
+COLUMNS = ["scale", "mode", "n", "one_object", "one_object_given_native", "mean_count", "psnr", "ssim", "detail", "seconds"]
+HEADERS = ["scale", "mode", "n", "1 object", "1 object | native 1", "mean count", "PSNR dB", "SSIM", "detail x bicubic", "s/image"]
+
+
+def _percent(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.0%}"
 
 
 def _fmt(row: Row) -> List[str]:
-    return [row.scale, row.mode, str(row.n), f"{row.one_object:.0%}", f"{row.mean_count:.2f}",
+    return [row.scale, row.mode, str(row.n), f"{row.one_object:.0%}", _percent(row.one_object_given_native),
+            f"{row.mean_count:.2f}",
             f"{row.psnr:.2f}", f"{row.ssim:.3f}", f"{row.detail:.2f}", f"{row.seconds:.1f}"]
 
 
@@ -200,7 +209,8 @@ def write_csv(rows: Sequence[Row], path: str) -> None:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for r in rows:
-            w.writerow([r.scale, r.mode, r.n, f"{r.one_object:.4f}", f"{r.mean_count:.4f}", f"{r.psnr:.4f}",
+            w.writerow([r.scale, r.mode, r.n, f"{r.one_object:.4f}", f"{r.one_object_given_native:.4f}",
+                        f"{r.mean_count:.4f}", f"{r.psnr:.4f}",
                         f"{r.ssim:.5f}", f"{r.detail:.4f}", f"{r.seconds:.3f}"])
 
 
@@ -215,6 +225,8 @@ def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_st
         "",
         "- **1 object**: share of high-res images where the segmentation finds exactly one object "
         "(the prompts ask for one);",
+        "- **1 object | native 1**: the same share among the samples whose native image has exactly one object "
+        "(does the high-res pass keep a correct layout single?);",
         "- **PSNR / SSIM**: high-res image area-downsampled to 64x64 vs the native image (structure consistency);",
         "- **detail x bicubic**: spectral energy above the native Nyquist band relative to a bicubic upscale of "
         "the native image (geometric mean; 1 = no added detail);",
@@ -229,22 +241,24 @@ def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_st
         f.write("\n".join(text))
 
 
-def load_fam_pipeline(threads: Optional[int] = None):
-    """The embedded model wrapped in fam.FAMPipeline (CPU, fp32)."""
+def load_fam_pipeline(threads: Optional[int] = None, path: Optional[str] = None):
+    """The embedded model (or the demo-layout pipeline folder at ``path``, e.g. a
+    training checkpoint) wrapped in fam.FAMPipeline (CPU, fp32)."""
     import fam
     from . import load_pipeline
+    from .model import MODEL_DIR
 
     if threads:
         torch.set_num_threads(threads)
-    fp = fam.FAMPipeline.from_pipe(load_pipeline())
+    fp = fam.FAMPipeline.from_pipe(load_pipeline(path=path or MODEL_DIR))
     fp.set_progress_bar_config(disable=True)
     return fp
 
 
 def evaluate(config: EvalConfig, csv_path: Optional[str], md_path: Optional[str],
-             log: Callable[[str], None] = print, fam_pipe=None) -> List[Row]:
+             log: Callable[[str], None] = print, fam_pipe=None, model_path: Optional[str] = None) -> List[Row]:
     """Run, print the table, write CSV + markdown. Returns the aggregated rows."""
-    fam_pipe = fam_pipe if fam_pipe is not None else load_fam_pipeline()
+    fam_pipe = fam_pipe if fam_pipe is not None else load_fam_pipeline(path=model_path)
     log(f"evaluating {config.n_calls} generations ({len(config.prompts)} prompts x {len(config.seeds)} seeds x "
         f"{len(config.modes)} modes x {len(config.scales)} scales, {config.steps} steps)")
     t0 = time.perf_counter()

@@ -107,6 +107,18 @@ def count_objects(image, min_area: float = MIN_AREA) -> int:
     return segment(image, min_area).count
 
 
+def object_color(image, min_area: float = MIN_AREA) -> str | None:
+    """Name (from ``fam.demo.COLORS``) of the colour nearest to the mean colour of the
+    largest object, or None when there is no object."""
+    from .dataset import COLOR_RGB
+
+    seg = segment(image, min_area)
+    if seg.count == 0:
+        return None
+    mean = to_float(image)[seg.labels == 1].mean(axis=0)
+    return min(COLOR_RGB, key=lambda name: float(np.linalg.norm(mean - np.asarray(COLOR_RGB[name]))))
+
+
 def validate_segmentation(n_per_count: int = 30, sizes=(64, 128, 256), seed: int = 1234) -> dict:
     """Accuracy of :func:`count_objects` on rendered scenes with 1, 2 and 3 objects."""
     from .dataset import render, sample_scene, scene_rng

@@ -159,6 +159,19 @@ def save_pipeline(comps, directory: str) -> None:
     os.replace(tmp, directory)
 
 
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up, constant, then a cosine decay to ``lr / 10`` over the last
+    ``decay_steps`` steps. The rate is a function of the step alone, so a resumed run
+    follows the same schedule as an uninterrupted one; with ``decay_steps == 0`` a run
+    cut short still ends on a sensible model (the EMA does the averaging)."""
+    lr = args.lr * min(1.0, (step + 1) / args.warmup)
+    decay_start = args.steps - args.decay_steps
+    if args.decay_steps > 0 and step >= decay_start:
+        progress = (step - decay_start) / args.decay_steps
+        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
 def stage_unet(args, comps, latents: torch.Tensor, captions: List[str]) -> None:
     unet, te1, te2 = comps["unet"], comps["text_encoder"], comps["text_encoder_2"]
     modules = [unet, te1, te2]
@@ -194,9 +207,7 @@ def stage_unet(args, comps, latents: torch.Tensor, captions: List[str]) -> None:
         m.train()
     B = args.batch
     for step in range(start, args.steps):
-        # Linear warm-up, then constant: a run cut short still ends on a sensible model
-        # (the EMA does the averaging).
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = learning_rate(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, len(latents), (B,), generator=g)
@@ -259,6 +270,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--decay-steps", type=int, default=0,
+                   help="cosine-decay the learning rate to lr/10 over the last N steps")
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--min-snr", type=float, default=5.0)
     p.add_argument("--cond-drop", type=float, default=0.1)
