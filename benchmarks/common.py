@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,23 +16,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from fam._io import atomic_open
+from fam_kernels._device import device_description  # noqa: F401  (re-exported for the benchmarks)
+
 CSV_FIELDS = ["op", "provider", "metric", "unit", "x", "median", "p20", "p80", "device", "timestamp", "version"]
-
-
-def device_description(device: torch.device | str = "cpu") -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def _sync(device: torch.device | str) -> None:
@@ -85,14 +70,11 @@ def row(op: str, provider: str, metric: str, unit: str, x: str, median: float, p
 
 def write_csv(path: str, rows: Iterable[Dict[str, object]]) -> None:
     """Write atomically (temporary file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for r in rows:
             writer.writerow(r)
-    os.replace(tmp, path)
 
 
 def markdown_table(header: Sequence[str], body: Iterable[Sequence[object]]) -> str:

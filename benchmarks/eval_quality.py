@@ -3,7 +3,7 @@
 Same implementation as ``fam eval`` (fam/demo/evaluation.py); writes
 benchmarks/results/quality.csv and quality.md by default.
 
-    python benchmarks/eval_quality.py            # default set (8 prompts x 2 seeds)
+    python benchmarks/eval_quality.py            # default set (8 prompts x 3 seeds)
     python benchmarks/eval_quality.py --quick    # 4 prompts x 1 seed, 2x2 and 4x4
 """
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import sys
-import tempfile
 from contextlib import contextmanager
 from typing import Any, Dict, Optional, Sequence
+
+from ._io import save_png
 
 METADATA_KEY = "fam"
 
@@ -65,23 +65,7 @@ def read_png_settings(path: str) -> Dict[str, Any]:
 
 def save_png_atomically(image, path: str, metadata: Dict[str, Any]) -> None:
     """Write to a temporary file in the destination folder, then rename over ``path``."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    save_png(image, path, json.dumps(metadata, sort_keys=True), key=METADATA_KEY)
 
 
 def _resolve_settings(args: argparse.Namespace) -> Dict[str, Any]:

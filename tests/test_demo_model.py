@@ -4,6 +4,7 @@ through FAMPipeline, and the `fam demo` / `fam eval` plumbing at tiny step count
 import argparse
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torch
 import fam
 import fam.demo as demo
 from fam.demo import commands
-from fam.demo.evaluation import EVAL_SCENES, EvalConfig, Sample, aggregate, markdown_table, run_eval, write_csv
+from fam.demo.evaluation import (EVAL_SCENES, HEADERS, EvalConfig, Sample, aggregate, markdown_table, run_eval,
+                                 write_csv)
 from fam.demo.model import MAX_TOKENS, MODEL_DIR, encode_text, model_size_bytes, tokenize
 from fam.demo.segmentation import count_objects, object_color, segment
 from fam.demo.showcase import run_demo
@@ -109,10 +111,16 @@ def test_demo_writes_pngs_and_contact_sheet(fam_pipe, tmp_path):
                    modes=["fam", "direct"], scales=["2x2"], steps=2, log=lambda m: None)
     assert os.path.exists(res.sheet) and len(res.files) == 3  # native + 2 modes
     assert all(os.path.exists(f) for f in res.files)
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
+    assert sorted(written) == sorted(res.files + [res.sheet])  # no temporary files left
     from PIL import Image
 
     sheet = Image.open(res.sheet)
     assert sheet.width > 2 * 256 and sheet.height > 2 * 256
+    settings = [json.loads(Image.open(f).text["fam"]) for f in res.files]
+    assert {(s.get("mode"), s.get("scale"), s.get("image")) for s in settings} == {
+        ("fam", "2x2", None), ("direct", "2x2", None), (None, None, "native")}
+    assert all(s["prompt"] == "a green ring on a plain grey background" and s["steps"] == 2 for s in settings)
 
 
 def test_eval_pipeline_end_to_end(fam_pipe, tmp_path):
@@ -124,6 +132,7 @@ def test_eval_pipeline_end_to_end(fam_pipe, tmp_path):
     assert native["n"] == 1
     write_csv(rows, str(tmp_path / "q.csv"))
     assert (tmp_path / "q.csv").read_text().splitlines()[0].startswith("scale,mode,n,one_object")
+    assert os.listdir(tmp_path) == ["q.csv"]  # written through a temporary file, renamed
     assert "| 2x2 | fam |" in markdown_table(rows)
 
 
@@ -138,3 +147,10 @@ def test_aggregate_one_object_shares():
     assert fam_row.mean_count == 1.75
     assert np.isnan(direct_row.one_object_given_native)  # no sample with a one-object native
     assert "| 2x2 | direct | 1 | 0% | - |" in markdown_table([direct_row])
+
+
+def test_markdown_table_has_one_cell_per_column():
+    row = aggregate([Sample("p", 0, "fam", "2x2", 1, 1, psnr=20.0, ssim=0.5, detail=2.0, seconds=1.0)])
+    for line in markdown_table(row).splitlines():
+        cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]  # split on pipes that are not escaped
+        assert len(cells) == len(HEADERS), line

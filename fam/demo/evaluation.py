@@ -22,6 +22,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from fam_kernels._device import device_description
+
+from .._io import atomic_open, save_png
 from .dataset import caption
 from .metrics import consistency, detail_ratio, to_float
 from .segmentation import count_objects
@@ -83,6 +86,12 @@ def _np(img) -> np.ndarray:
     return to_float(img)
 
 
+def _pil(img: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray((img * 255 + 0.5).astype(np.uint8))
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
 
@@ -121,12 +130,10 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print) -
                                     p, s, detail_ratio(high, native), dt)
                     samples.append(sample)
                     if config.save_images:
-                        from PIL import Image
-
                         base = os.path.join(config.save_images, f"{_slug(prompt)}_s{seed}")
-                        Image.fromarray((high * 255 + 0.5).astype(np.uint8)).save(f"{base}_{mode}_{scale_name}.png")
+                        save_png(_pil(high), f"{base}_{mode}_{scale_name}.png")
                         if not os.path.exists(f"{base}_native.png"):
-                            Image.fromarray((native * 255 + 0.5).astype(np.uint8)).save(f"{base}_native.png")
+                            save_png(_pil(native), f"{base}_native.png")
                     eta = (time.perf_counter() - t_all) / k * (total - k)
                     log(f"[{k}/{total}] {mode:>13} {scale_name} seed {seed} '{prompt}': {dt:.1f}s "
                         f"count={sample.count} psnr={p:.1f} ssim={s:.3f} detail={sample.detail:.2f} "
@@ -198,14 +205,13 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(_fmt(r)) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def write_csv(rows: Sequence[Row], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for r in rows:
@@ -215,13 +221,14 @@ def write_csv(rows: Sequence[Row], path: str) -> None:
 
 
 def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_stats: Dict, extra: str = "") -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     text = [
         "# Quality evaluation: FAM ablation on the embedded demo model",
         "",
         f"{len(config.prompts)} prompts x {len(config.seeds)} seeds, {config.steps} steps, "
         f"guidance {config.guidance_scale}. Native images (64x64) with exactly one object: "
         f"{native_stats['one_object_share']:.0%} of {native_stats['n']}.",
+        "",
+        f"Machine: {device_description()}; torch {torch.__version__}.",
         "",
         "- **1 object**: share of high-res images where the segmentation finds exactly one object "
         "(the prompts ask for one);",
@@ -230,14 +237,14 @@ def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_st
         "- **PSNR / SSIM**: high-res image area-downsampled to 64x64 vs the native image (structure consistency);",
         "- **detail x bicubic**: spectral energy above the native Nyquist band relative to a bicubic upscale of "
         "the native image (geometric mean; 1 = no added detail);",
-        "- **s/image**: wall time of one FAMPipeline call (native + high-res pass) on this CPU.",
+        "- **s/image**: wall time of one FAMPipeline call (native + high-res pass) on that machine.",
         "",
         markdown_table(rows),
         "",
     ]
     if extra:
         text += [extra, ""]
-    with open(path, "w") as f:
+    with atomic_open(path, "w") as f:
         f.write("\n".join(text))
 
 
