@@ -13,8 +13,8 @@ import torch
 import fam
 import fam.demo as demo
 from fam.demo import commands
-from fam.demo.evaluation import (EVAL_SCENES, HEADERS, EvalConfig, Sample, aggregate, markdown_table, run_eval,
-                                 write_csv)
+from fam.demo.evaluation import (EVAL_SCENES, HEADERS, EvalConfig, Sample, aggregate, evaluate, markdown_table,
+                                 run_eval, write_csv)
 from fam.demo.model import MAX_TOKENS, MODEL_DIR, encode_text, model_size_bytes, tokenize
 from fam.demo.segmentation import count_objects, object_color, segment
 from fam.demo.showcase import run_demo
@@ -134,6 +134,18 @@ def test_eval_pipeline_end_to_end(fam_pipe, tmp_path):
     assert (tmp_path / "q.csv").read_text().splitlines()[0].startswith("scale,mode,n,one_object")
     assert os.listdir(tmp_path) == ["q.csv"]  # written through a temporary file, renamed
     assert "| 2x2 | fam |" in markdown_table(rows)
+
+
+def test_evaluate_writes_csv_and_markdown(fam_pipe, tmp_path):
+    cfg = EvalConfig(prompts=[demo.caption("cross", "purple", "dotted beige")], seeds=(1,),
+                     modes=["fam"], scales=["2x4"], steps=2)
+    lines = []
+    rows = evaluate(cfg, str(tmp_path / "q.csv"), str(tmp_path / "q.md"), log=lines.append, fam_pipe=fam_pipe)
+    assert [(r.scale, r.mode, r.n) for r in rows] == [("2x4", "fam", 1)]
+    assert sorted(os.listdir(tmp_path)) == ["q.csv", "q.md"]
+    md = (tmp_path / "q.md").read_text()
+    assert "1 prompts x 1 seeds, 2 steps" in md and "Machine: " in md and "| 2x4 | fam | 1 |" in md
+    assert any("2x4" in line and "fam" in line for line in lines)  # the printed table
 
 
 def test_aggregate_one_object_shares():
