@@ -14,13 +14,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fam.cli import CLIError  # noqa: E402
 from fam.demo.commands import add_eval_arguments, cmd_eval  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(p, default_out=os.path.join(ROOT, "benchmarks", "results"))
-    return cmd_eval(p.parse_args(argv))
+    try:
+        return cmd_eval(p.parse_args(argv))
+    except CLIError as error:
+        print(f"eval_quality: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -104,6 +104,8 @@ def test_cli_registers_demo_and_eval():
     assert args.model is None
     args = parser.parse_args(["eval", "--quick", "--modes", "fam,direct", "--model", "ckpt"])
     assert args.func is commands.cmd_eval and args.quick and args.modes == "fam,direct" and args.model == "ckpt"
+    assert args.am_layers is None
+    assert parser.parse_args(["eval", "--am-layers", "up_blocks.0,up_blocks.1"]).am_layers == "up_blocks.0,up_blocks.1"
 
 
 def test_demo_writes_pngs_and_contact_sheet(fam_pipe, tmp_path):
@@ -146,6 +148,39 @@ def test_evaluate_writes_csv_and_markdown(fam_pipe, tmp_path):
     md = (tmp_path / "q.md").read_text()
     assert "1 prompts x 1 seeds, 2 steps" in md and "Machine: " in md and "| 2x4 | fam | 1 |" in md
     assert any("2x4" in line and "fam" in line for line in lines)  # the printed table
+
+
+def test_eval_am_layers_reach_the_pipeline_and_are_checked_first(fam_pipe):
+    calls = []
+    with pytest.raises(ValueError, match="am_layers: 'up_blocks.7'"):
+        run_eval(fam_pipe, EvalConfig(am_layers=["up_blocks.7"]), log=calls.append)
+    assert calls == []  # refused before the first generation
+
+    cfg = EvalConfig(prompts=[demo.caption("diamond", "cyan", "plain beige")], seeds=(0,), modes=["am"],
+                     scales=["2x2"], steps=2)
+    default = run_eval(fam_pipe, cfg, log=calls.append)[0][0]
+    cfg.am_layers = ["up_blocks.0", "up_blocks.1"]
+    wider = run_eval(fam_pipe, cfg, log=calls.append)[0][0]
+    assert (default.psnr, default.ssim, default.detail) != (wider.psnr, wider.ssim, wider.detail)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--prompts", "0"], "--prompts 0: expected 1 to 8"),
+    (["eval", "--prompts", "9"], "--prompts 9: expected 1 to 8"),
+    (["eval", "--seeds", "0"], "--seeds 0: expected 1 or more"),
+    (["eval", "--modes", "fam,dirct"], "--modes 'fam,dirct': expected a comma-separated subset of direct,"),
+    (["eval", "--scales", "5x5"], "--scales '5x5': expected a comma-separated subset of 2x2,3x3,4x4,2x4"),
+    (["eval", "--steps", "0"], "--steps 0: expected 1 or more"),
+    (["eval", "--am-layers", "up_blocks.7"], "--am-layers 'up_blocks.7': 'up_blocks.7' names no self-attention"),
+    (["demo", "--steps", "0"], "--steps 0: expected 1 or more"),
+])
+def test_demo_and_eval_refuse_bad_arguments_in_one_line(argv, message, tmp_path, capsys):
+    from fam import cli
+
+    assert cli.main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()  # (loading the model may print progress bars first)
+    assert err.splitlines()[-1].startswith(f"fam {argv[0]}: error: {message}") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before any output
 
 
 def test_aggregate_one_object_shares():

@@ -21,6 +21,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .evaluation import load_fam_pipeline
     from .showcase import DEMO_PROMPTS, run_demo, summarize
 
+    from ..cli import CLIError
+
+    if args.steps < 1:
+        raise CLIError(f"--steps {args.steps}: expected 1 or more")
     _threads(args.threads)
     t0 = time.perf_counter()
     print("fam demo: loading the embedded model (offline) ...", flush=True)
@@ -39,24 +43,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import EVAL_PROMPTS, EvalConfig, evaluate
+    from ..attention import resolve_am_layers
+    from ..cli import CLIError
+    from .evaluation import EVAL_PROMPTS, MODES, SCALES, EvalConfig, evaluate, load_fam_pipeline
 
-    _threads(args.threads)
     cfg = EvalConfig.quick() if args.quick else EvalConfig()
-    if args.prompts:
+    if args.prompts is not None:
+        if not 1 <= args.prompts <= len(EVAL_PROMPTS):
+            raise CLIError(f"--prompts {args.prompts}: expected 1 to {len(EVAL_PROMPTS)}")
         cfg.prompts = EVAL_PROMPTS[:args.prompts]
-    if args.seeds:
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise CLIError(f"--seeds {args.seeds}: expected 1 or more")
         cfg.seeds = tuple(range(args.seeds))
+    for name, value, choices in (("--modes", args.modes, MODES), ("--scales", args.scales, list(SCALES))):
+        if value is not None:
+            unknown = [v for v in value.split(",") if v not in choices]
+            if unknown or not value:
+                raise CLIError(f"{name} {value!r}: expected a comma-separated subset of {','.join(choices)}")
     if args.modes:
         cfg.modes = args.modes.split(",")
     if args.scales:
         cfg.scales = args.scales.split(",")
+    if args.steps < 1:
+        raise CLIError(f"--steps {args.steps}: expected 1 or more")
     cfg.steps = args.steps
     cfg.guidance_scale = args.guidance
     cfg.save_images = args.save_images
+    _threads(args.threads)
+    fp = load_fam_pipeline(path=args.model)
+    if args.am_layers is not None:
+        cfg.am_layers = args.am_layers.split(",")
+        try:
+            resolve_am_layers(fp.pipe.unet, cfg.am_layers)
+        except ValueError as error:
+            raise CLIError(f"--am-layers {args.am_layers!r}: {str(error).removeprefix('am_layers: ')}") from None
     csv_path = os.path.join(args.out, "quality.csv") if args.csv is None else args.csv
     md_path = os.path.join(args.out, "quality.md") if args.md is None else args.md
-    evaluate(cfg, csv_path or None, md_path or None, log=lambda m: print(m, flush=True), model_path=args.model)
+    evaluate(cfg, csv_path or None, md_path or None, log=lambda m: print(m, flush=True), fam_pipe=fp)
     return 0
 
 
@@ -70,6 +94,9 @@ def add_eval_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--scales", default=None, help=f"comma-separated subset of {','.join(SCALES)}")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--am-layers", default=None, metavar="LAYERS",
+                   help="comma-separated self-attention layers or block prefixes for AM in modes am and fam "
+                        "(default: up_blocks.0, as in the paper), e.g. up_blocks.0,up_blocks.1")
     p.add_argument("--out", default=default_out, help="folder for quality.csv and quality.md")
     p.add_argument("--csv", default=None, help="CSV path (overrides --out; '' to skip)")
     p.add_argument("--md", default=None, help="markdown path (overrides --out; '' to skip)")

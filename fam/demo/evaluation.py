@@ -58,6 +58,7 @@ class EvalConfig:
     steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE
     save_images: Optional[str] = None  # folder for the generated PNGs
+    am_layers: Optional[Sequence[str]] = None  # None: the paper's up_blocks.0 (FAMPipeline's default)
 
     @classmethod
     def quick(cls) -> "EvalConfig":
@@ -99,6 +100,10 @@ def _slug(text: str) -> str:
 def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print) -> Tuple[List[Sample], Dict]:
     """Generate and measure every (prompt, seed, mode, scale). Returns the samples and
     native-image statistics (``{"one_object_share": ..., "n": ...}``)."""
+    if config.am_layers is not None:
+        from ..attention import resolve_am_layers
+
+        resolve_am_layers(fam_pipe.pipe.unet, config.am_layers)  # a bad name fails before any generation
     samples: List[Sample] = []
     natives: Dict[Tuple[str, int], np.ndarray] = {}
     modes = sorted(config.modes, key=lambda m: m == "direct")  # native-pass modes first
@@ -112,7 +117,7 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print) -
                 for scale_name in config.scales:
                     k += 1
                     t0 = time.perf_counter()
-                    out = fam_pipe(prompt=prompt, scale=SCALES[scale_name], mode=mode,
+                    out = fam_pipe(prompt=prompt, scale=SCALES[scale_name], mode=mode, am_layers=config.am_layers,
                                    num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
                                    generator=torch.Generator().manual_seed(seed), output_type="np")
                     dt = time.perf_counter() - t0
@@ -228,6 +233,7 @@ def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_st
         f"guidance {config.guidance_scale}. Native images (64x64) with exactly one object: "
         f"{native_stats['one_object_share']:.0%} of {native_stats['n']}.",
         "",
+        f"AM layers: {', '.join(config.am_layers) if config.am_layers else 'up_blocks.0 (default)'}. "
         f"Machine: {device_description()}; torch {torch.__version__}.",
         "",
         "- **1 object**: share of high-res images where the segmentation finds exactly one object "
