@@ -21,10 +21,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .evaluation import load_fam_pipeline
     from .showcase import DEMO_PROMPTS, run_demo, summarize
 
-    from ..cli import CLIError
-
-    if args.steps < 1:
-        raise CLIError(f"--steps {args.steps}: expected 1 or more")
+    _at_least_one("--steps", args.steps)
     _threads(args.threads)
     t0 = time.perf_counter()
     print("fam demo: loading the embedded model (offline) ...", flush=True)
@@ -42,6 +39,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(flag: str, value: int) -> int:
+    from ..cli import CLIError
+
+    if value < 1:
+        raise CLIError(f"{flag} {value}: expected 1 or more")
+    return value
+
+
+def _subset(flag: str, value: str, choices) -> list:
+    """``"a,b"`` -> ``["a", "b"]``, every item one of ``choices``."""
+    from ..cli import CLIError
+
+    items = value.split(",")
+    if any(item not in choices for item in items):
+        raise CLIError(f"{flag} {value!r}: expected a comma-separated subset of {','.join(choices)}")
+    return items
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..attention import resolve_am_layers
     from ..cli import CLIError
@@ -53,21 +68,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise CLIError(f"--prompts {args.prompts}: expected 1 to {len(EVAL_PROMPTS)}")
         cfg.prompts = EVAL_PROMPTS[:args.prompts]
     if args.seeds is not None:
-        if args.seeds < 1:
-            raise CLIError(f"--seeds {args.seeds}: expected 1 or more")
-        cfg.seeds = tuple(range(args.seeds))
-    for name, value, choices in (("--modes", args.modes, MODES), ("--scales", args.scales, list(SCALES))):
-        if value is not None:
-            unknown = [v for v in value.split(",") if v not in choices]
-            if unknown or not value:
-                raise CLIError(f"{name} {value!r}: expected a comma-separated subset of {','.join(choices)}")
-    if args.modes:
-        cfg.modes = args.modes.split(",")
-    if args.scales:
-        cfg.scales = args.scales.split(",")
-    if args.steps < 1:
-        raise CLIError(f"--steps {args.steps}: expected 1 or more")
-    cfg.steps = args.steps
+        cfg.seeds = tuple(range(_at_least_one("--seeds", args.seeds)))
+    if args.modes is not None:
+        cfg.modes = _subset("--modes", args.modes, MODES)
+    if args.scales is not None:
+        cfg.scales = _subset("--scales", args.scales, list(SCALES))
+    cfg.steps = _at_least_one("--steps", args.steps)
     cfg.guidance_scale = args.guidance
     cfg.save_images = args.save_images
     _threads(args.threads)
