@@ -60,7 +60,8 @@ def providers(device: str):
     out = {}
     for name, backend in am.DISPATCHER.backends.items():
         if not backend.not_supported_reasons(device=device, head_dim=D) and not (name == "triton" and device == "cpu"):
-            out[name] = f"fam_kernels.am_attention(q, k, v, q_lr, k_lr, lam={LAM}, hr_size=hr, lr_size={NATIVE}, backend={name!r})"
+            out[name] = (f"fam_kernels.am_attention(q, k, v, q_lr, k_lr, lam={LAM}, hr_size=hr, "
+                         f"lr_size={NATIVE}, backend={name!r})")
     out["sdpa"] = "F.scaled_dot_product_attention(q, k, v)"
     out["materialized"] = f"am_attention_materialized(q, k, v, q_lr, k_lr, lam={LAM}, hr_size=hr, lr_size={NATIVE})"
     return out

@@ -148,7 +148,8 @@ def main(argv=None) -> None:
                      "-" if config == "direct" else f"{ratio:.2f} (<= {target:.2f}: "
                                                      f"{'met' if ratio <= target else 'missed'})",
                      peak / 2 ** 20,
-                     "-" if config == "direct" else f"{memory_ratio:.2f} ({'met' if memory_ratio <= 1.05 else 'missed'})",
+                     "-" if config == "direct"
+                     else f"{memory_ratio:.2f} ({'met' if memory_ratio <= 1.05 else 'missed'})",
                      median["cache_mb"]])
 
     write_csv(os.path.join(RESULTS, "pipeline.csv"), rows)

@@ -27,8 +27,13 @@ from diffusers.utils.torch_utils import randn_tensor
 import fam_kernels
 
 from . import vae as vae_io
-from .attention import (AttentionModulation, NativeAttentionCache, installed_processors, recompute_native_inputs,
-                        resolve_am_layers)
+from .attention import (
+    AttentionModulation,
+    NativeAttentionCache,
+    installed_processors,
+    recompute_native_inputs,
+    resolve_am_layers,
+)
 from .guidance import GuidedUNet, TextConditioning
 from .modes import AM_SOURCES, MODES, UPSAMPLE_MODES, Mode, choose, skip_residual_weight
 from .sizes import Scale, Sizes, resolve_sizes

@@ -74,6 +74,7 @@ def resolve_sizes(*, scale: Optional[Scale], height: Optional[int], width: Optio
                 f"nearest valid: {nearest}"
             )
         if factors and value != native * factors[axis]:
-            raise ValueError(f"{name}={value} disagrees with scale={scale!r} (native {name} {native}); give one of them")
+            raise ValueError(f"{name}={value} disagrees with scale={scale!r} (native {name} {native}); "
+                             "give one of them")
         target.append(value)
     return Sizes((native_height, native_width), (target[0], target[1]), vae_scale_factor)

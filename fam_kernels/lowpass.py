@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _lowpass_basis as basis
-from ._checks import check_real_in_range, check_same_device_dtype, check_tensor, pair
 from ._backend_reasons import compiled_cpu_reasons, compiled_cuda_reasons, triton_reasons
+from ._checks import check_real_in_range, check_same_device_dtype, check_tensor, pair
 from .dispatch import Backend, Dispatcher
 from .schedule import fm_schedule  # noqa: F401  (public: lowpass_blend's schedule)
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tolerance import assert_matches_oracle
 
 import fam_kernels
 from fam_kernels import am
 from fam_kernels.dispatch import BackendNotSupportedError
 from fam_kernels.reference import am_attention_materialized, nearest_token_index
-from tolerance import assert_matches_oracle
 
 EXTENSION_EXPECTED = not os.environ.get("FAM_KERNELS_SKIP_BUILD")
 BACKENDS = ["torch", "cpu"] if EXTENSION_EXPECTED else ["torch"]

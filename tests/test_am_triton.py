@@ -28,9 +28,10 @@ INTERPRETED_CASES = [
 
 
 def _run_case(B, heads, lr, hr, d, dtype, lam, layout):
+    from tolerance import assert_matches_oracle
+
     import fam_kernels
     from fam_kernels.reference import am_attention_materialized
-    from tolerance import assert_matches_oracle
 
     dtype = getattr(torch, dtype)
     N, n = hr[0] * hr[1], lr[0] * lr[1]

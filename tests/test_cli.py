@@ -7,13 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import fam
 from fam import cli
 from fam.testing import tiny_sdxl_pipeline
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -13,10 +13,19 @@ import torch
 import fam
 import fam.demo as demo
 from fam.demo import commands
-from fam.demo.evaluation import (EVAL_SCENES, HEADERS, EvalConfig, Sample, aggregate, evaluate, markdown_table,
-                                 run_eval, write_csv)
+from fam.demo.evaluation import (
+    EVAL_SCENES,
+    HEADERS,
+    EvalConfig,
+    Sample,
+    aggregate,
+    evaluate,
+    markdown_table,
+    run_eval,
+    write_csv,
+)
 from fam.demo.model import MAX_TOKENS, MODEL_DIR, encode_text, model_size_bytes, tokenize
-from fam.demo.segmentation import count_objects, object_color, segment
+from fam.demo.segmentation import count_objects, object_color
 from fam.demo.showcase import run_demo
 
 

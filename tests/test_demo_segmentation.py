@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from fam.demo import dataset as D
-from fam.demo.segmentation import (connected_components, count_objects, object_color, segment,
-                                   validate_segmentation)
+from fam.demo.segmentation import connected_components, count_objects, object_color, segment, validate_segmentation
 
 
 @pytest.mark.parametrize("size", [64, 128, 256])

@@ -10,13 +10,13 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tolerance import assert_matches_oracle
 
 import fam_kernels
 from fam_kernels import _lowpass_basis as basis
 from fam_kernels import lowpass as lp
 from fam_kernels.dispatch import BackendNotSupportedError
 from fam_kernels.reference import fm_modulate, lowpass_blend_reference
-from tolerance import assert_matches_oracle
 
 # The extension must be there unless the install skipped it on purpose.
 EXTENSION_EXPECTED = not os.environ.get("FAM_KERNELS_SKIP_BUILD")
@@ -51,7 +51,8 @@ SHAPES = [(1, 1, 1, 1), (2, 3, 7, 9), (1, 2, 97, 130), (2, 2, 128, 128), (1, 2, 
 
 def edge_cutoffs(H, W):
     """0, band edges exactly (2k), between edges, the full band and beyond."""
-    return [0, 1, 2, 2.5, (4, 6), (H / 4, W / 4), (H // 2, W // 2), (H - 1, W - 1), (H, W), (H + 1, W + 1), 3 * max(H, W)]
+    return [0, 1, 2, 2.5, (4, 6), (H / 4, W / 4), (H // 2, W // 2), (H - 1, W - 1), (H, W), (H + 1, W + 1),
+            3 * max(H, W)]
 
 
 def test_extension_loaded_when_expected():
@@ -144,7 +145,8 @@ def test_non_contiguous_inputs(backend):
     for cutoff in (5, (9, 12), 30):
         out = fam_kernels.lowpass_blend(z, zr, cutoff, 0.5, backend=backend)
         assert_matches_oracle(out, oracle(z, zr, cutoff, 0.5), floor=1e-5)
-        assert torch.equal(out, fam_kernels.lowpass_blend(z.contiguous(), zr.contiguous(), cutoff, 0.5, backend=backend))
+        expected = fam_kernels.lowpass_blend(z.contiguous(), zr.contiguous(), cutoff, 0.5, backend=backend)
+        assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

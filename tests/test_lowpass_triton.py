@@ -24,10 +24,10 @@ def test_triton_interpreter_matches_oracle():
 def _run_cases():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
+    from tolerance import assert_matches_oracle
 
     import fam_kernels
     from fam_kernels.reference import lowpass_blend_reference
-    from tolerance import assert_matches_oracle
 
     torch.manual_seed(0)
 

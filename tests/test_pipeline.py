@@ -3,8 +3,12 @@ weights, offline, 2-3 steps)."""
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
 
 from fam import FAMPipeline, FAMPipelineOutput
 from fam.attention import FAMAttnProcessor

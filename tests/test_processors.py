@@ -5,9 +5,16 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from fam.attention import (AttentionModulation, FAMAttnProcessor, NativeCaptured, default_am_layers,
-                           installed_processors, recompute_native_inputs, resolve_am_layers,
-                           self_attention_layers)
+from fam.attention import (
+    AttentionModulation,
+    FAMAttnProcessor,
+    NativeCaptured,
+    default_am_layers,
+    installed_processors,
+    recompute_native_inputs,
+    resolve_am_layers,
+    self_attention_layers,
+)
 from fam.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from fam_kernels.reference import am_attention_materialized
 

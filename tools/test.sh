@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 VENV="${FAM_VENV:-.venv}"
+"$VENV/bin/ruff" check .
 "$VENV/bin/python" -m pytest -q "$@"
 PYTHON="$VENV/bin/python" bash tools/check_cuda.sh

@@ -125,7 +125,8 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print) -
                     if out.native_images is not None and (prompt, seed) not in natives:
                         natives[(prompt, seed)] = _np(out.native_images[0])
                     if (prompt, seed) not in natives:
-                        ref = fam_pipe(prompt=prompt, scale=(2, 2), mode="direct_native", num_inference_steps=config.steps,
+                        ref = fam_pipe(prompt=prompt, scale=(2, 2), mode="direct_native",
+                                       num_inference_steps=config.steps,
                                        guidance_scale=config.guidance_scale,
                                        generator=torch.Generator().manual_seed(seed), output_type="np")
                         natives[(prompt, seed)] = _np(ref.native_images[0])
@@ -169,7 +170,8 @@ def aggregate(samples: Sequence[Sample]) -> List[Row]:
     rows = []
     scale_order = {s: i for i, s in enumerate(SCALES)}
     mode_order = {m: i for i, m in enumerate(MODES)}
-    keys = sorted({(s.scale, s.mode) for s in samples}, key=lambda k: (scale_order.get(k[0], 99), mode_order.get(k[1], 99)))
+    keys = sorted({(s.scale, s.mode) for s in samples},
+                  key=lambda k: (scale_order.get(k[0], 99), mode_order.get(k[1], 99)))
     for scale, mode in keys:
         group = [s for s in samples if s.scale == scale and s.mode == mode]
         finite = [s.psnr for s in group if math.isfinite(s.psnr)]
@@ -187,8 +189,10 @@ def aggregate(samples: Sequence[Sample]) -> List[Row]:
     return rows
 
 
-COLUMNS = ["scale", "mode", "n", "one_object", "one_object_given_native", "mean_count", "psnr", "ssim", "detail", "seconds"]
-HEADERS = ["scale", "mode", "n", "1 object", "1 object | native 1", "mean count", "PSNR dB", "SSIM", "detail x bicubic", "s/image"]
+COLUMNS = ["scale", "mode", "n", "one_object", "one_object_given_native", "mean_count", "psnr", "ssim", "detail",
+           "seconds"]
+HEADERS = ["scale", "mode", "n", "1 object", "1 object | native 1", "mean count", "PSNR dB", "SSIM", "detail x bicubic",
+           "s/image"]
 
 
 def _percent(x: float) -> str:
@@ -258,6 +262,7 @@ def load_fam_pipeline(threads: Optional[int] = None, path: Optional[str] = None)
     """The embedded model (or the demo-layout pipeline folder at ``path``, e.g. a
     training checkpoint) wrapped in fam.FAMPipeline (CPU, fp32)."""
     import fam
+
     from . import load_pipeline
     from .model import MODEL_DIR
 

@@ -91,7 +91,8 @@ def run_demo(fam_pipe, out_dir: str = "fam-demo-output", prompts: Sequence[str] 
              guidance_scale: float = 5.0, seed: int = 0, cell: int = 256,
              log: Callable[[str], None] = print) -> DemoResult:
     os.makedirs(out_dir, exist_ok=True)
-    result = DemoResult(out_dir=os.path.abspath(out_dir), sheet=os.path.join(os.path.abspath(out_dir), "contact_sheet.png"))
+    out_dir = os.path.abspath(out_dir)
+    result = DemoResult(out_dir=out_dir, sheet=os.path.join(out_dir, "contact_sheet.png"))
     total = len(prompts) * len(modes) * len(scales)
     k = 0
     t_all = time.perf_counter()

@@ -94,7 +94,8 @@ def stage_vae(args, comps, data) -> None:
         opt.step()
         rows.append((step, l1.item(), mse.item(), kl.item()))
         if step % 50 == 0 or step == args.vae_steps - 1:
-            _log(f"vae step {step}: l1 {l1.item():.4f} mse {mse.item():.5f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
+            _log(f"vae step {step}: l1 {l1.item():.4f} mse {mse.item():.5f} kl {kl.item():.3f} "
+                 f"({time.time() - t0:.0f}s)")
     vae.eval()
     torch.save(vae.state_dict(), path)
     with open(os.path.join(args.workdir, "vae_loss.csv"), "w", newline="") as f:
