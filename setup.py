@@ -75,8 +75,10 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["fam_kernels", "fam_kernels.*", "fam", "fam.*"]),
-    package_data={"fam": ["demo/model/**/*", "demo/model/*"]},
+    # fam_kernels (ops) and fam (sampler, CLI) are the library; fam_demo (the embedded model and its
+    # commands) ships alongside and is imported by `fam demo` / `fam eval` only
+    packages=find_packages(include=["fam_kernels", "fam_kernels.*", "fam", "fam.*", "fam_demo", "fam_demo.*"]),
+    package_data={"fam_demo": ["model/*", "model/**/*"]},
     include_package_data=True,
     install_requires=["torch>=2.4", "numpy", "pillow"],
     extras_require={

@@ -1,6 +1,6 @@
 """Quality evaluation of the FAM ablation on the embedded demo model.
 
-Same implementation as ``fam eval`` (fam/demo/evaluation.py); writes
+Same implementation as ``fam eval`` (fam_demo/evaluation.py); writes
 benchmarks/results/quality.csv and quality.md by default.
 
     python benchmarks/eval_quality.py            # default set (8 prompts x 3 seeds)
@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fam.cli import CLIError  # noqa: E402
-from fam.demo.commands import add_eval_arguments, cmd_eval  # noqa: E402
+from fam_demo.commands import add_eval_arguments, cmd_eval  # noqa: E402
 
 
 def main(argv=None) -> int:

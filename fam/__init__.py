@@ -1,10 +1,38 @@
 """fam: the FAM diffusion sampler (Frequency + Attention Modulation, CVPR 2025) on
-diffusers. ``FAMPipeline.from_pipe(pipe)`` wraps an SDXL or SD 1.5/2.1 pipeline."""
+diffusers. ``FAMPipeline.from_pipe(pipe)`` wraps an SDXL or SD 1.5/2.1 pipeline.
 
-import fam_kernels
+``import fam`` is light: diffusers, torch and ``fam_kernels`` are imported on the
+first use of a name below (module ``__getattr__``, as diffusers' own ``__init__``
+does), so ``fam --help`` and the mode tables never pay for them.
+"""
 
-from .pipeline import FAMPipeline, FAMPipelineOutput
+from __future__ import annotations
 
-__version__ = fam_kernels.__version__
+import importlib
+from typing import TYPE_CHECKING
+
+# public name -> the module that defines it
+_LAZY = {
+    "FAMPipeline": "fam.pipeline",
+    "FAMPipelineOutput": "fam.pipeline",
+    "__version__": "fam_kernels",
+}
 
 __all__ = ["FAMPipeline", "FAMPipelineOutput", "__version__"]
+
+if TYPE_CHECKING:
+    from fam_kernels import __version__
+
+    from .pipeline import FAMPipeline, FAMPipelineOutput
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

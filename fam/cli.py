@@ -1,5 +1,5 @@
 """The ``fam`` command: ``fam generate`` (this module) plus the demo's ``fam demo`` and
-``fam eval`` (registered by :mod:`fam.demo.commands`).
+``fam eval`` (defined in :mod:`fam_demo.commands`, listed in ``EXTERNAL_COMMANDS``).
 
 ``fam generate`` writes PNGs atomically with every generation setting and the
 package version in a PNG text chunk (key "fam", JSON); ``--from-png`` reads such a
@@ -9,14 +9,16 @@ chunk back, explicit flags overriding it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import random
 import sys
 from contextlib import contextmanager
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ._io import save_png
+from .modes import AM_SOURCES, MODES, UPSAMPLE_MODES
 
 METADATA_KEY = "fam"
 
@@ -181,12 +183,12 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, help="denoising steps per pass (default 50)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: 5 SDXL, 7.5 SD)")
     p.add_argument("--seed", type=int, help="default: a random seed, recorded in the PNG")
-    p.add_argument("--mode", choices=["fam", "fm", "am", "skip_residual", "direct_native", "direct"])
-    p.add_argument("--am-source", choices=["recompute", "cache", "diffused"])
+    p.add_argument("--mode", choices=list(MODES))
+    p.add_argument("--am-source", choices=list(AM_SOURCES))
     p.add_argument("--am-cache-device", help="keep the AM cache here, e.g. cpu (with --am-source cache)")
     p.add_argument("--fm-c", type=float, help="FM low-frequency box size c (default 0.5)")
     p.add_argument("--am-lambda", type=float, help="AM blend weight lambda (default 0.7)")
-    p.add_argument("--upsample", choices=["bicubic", "bilinear", "nearest"])
+    p.add_argument("--upsample", choices=list(UPSAMPLE_MODES))
     p.add_argument("--cfg-sequential", action=argparse.BooleanOptionalAction, default=None,
                    help="run the two guidance halves one after the other (less memory)")
     p.add_argument("--vae-tiling", choices=["auto", "on", "off"])
@@ -200,15 +202,33 @@ def add_generate_parser(subparsers) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .demo import commands as demo_commands
+# Subcommands defined outside the library, which never imports them at load time:
+# name -> ("module:function", one-line help). The module is imported only when its
+# command is named on the command line; the function fills in the subcommand's parser.
+EXTERNAL_COMMANDS: Dict[str, Tuple[str, str]] = {
+    "demo": ("fam_demo.commands:configure_demo",
+             "generate native/2x/3x/4x/2x4 images with the embedded model and a contact sheet"),
+    "eval": ("fam_demo.commands:configure_eval", "quality evaluation of the FAM ablation modes on the embedded model"),
+}
 
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``fam`` parser; of the external subcommands only ``command``'s is filled in
+    (the others are listed by name and help)."""
     parser = argparse.ArgumentParser(prog="fam", description="FAM diffusion: training-free high-resolution "
                                                              "generation with SDXL / SD")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_VersionAction)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_generate_parser(subparsers)
-    demo_commands.register(subparsers)
+    for name, (target, help_text) in EXTERNAL_COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text)
+        if name == command:
+            module, _, function = target.partition(":")
+            try:
+                configure = getattr(importlib.import_module(module), function)
+            except ImportError as error:
+                parser.exit(2, f"fam {name}: error: cannot import {module} ({error})\n")
+            configure(sub)
     return parser
 
 
@@ -218,8 +238,20 @@ def _version() -> str:
     return f"fam {fam_kernels.__version__}"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, importing the package (torch and all) only when asked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help="show the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(0, _version() + "\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)

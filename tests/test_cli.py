@@ -111,14 +111,3 @@ def test_offline_model_load_failure_is_one_line_without_traceback(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("fam generate: error: cannot load model 'nobody/no-such-model'")
     assert not (tmp_path / "x.png").exists()
-
-
-def test_demo_subcommands_are_registered_on_the_same_parser(monkeypatch):
-    from fam.demo import commands
-
-    def register(subparsers):
-        subparsers.add_parser("probe").set_defaults(func=lambda args: 7)
-
-    monkeypatch.setattr(commands, "register", register)
-    assert cli.main(["probe"]) == 7
-    assert cli.main(["generate", "--model", "m"]) == 2

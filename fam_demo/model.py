@@ -1,8 +1,8 @@
 """The embedded demo model: architecture, tokenizer files, text encoding, loading.
 
 A tiny text-to-image latent diffusion model of SDXL's family, trained from
-scratch on :mod:`fam.demo.dataset` by :mod:`fam.demo.train` and shipped as a
-StableDiffusionXLPipeline folder in ``fam/demo/model/`` (fp16 safetensors,
+scratch on :mod:`fam_demo.dataset` by :mod:`fam_demo.train` and shipped as a
+StableDiffusionXLPipeline folder in ``fam_demo/model/`` (fp16 safetensors,
 loaded as fp32 on the CPU).
 """
 

@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 
-from fam.demo import dataset as D
-from fam.demo.metrics import consistency, detail_ratio, downsample_area, highband_energy, psnr, ssim, upsample_bicubic
+from fam_demo import dataset as D
+from fam_demo.metrics import consistency, detail_ratio, downsample_area, highband_energy, psnr, ssim, upsample_bicubic
 
 
 def _scene_image(size, seed=0):

@@ -11,7 +11,7 @@ Stages, each cached in ``--workdir`` so an interrupted run resumes:
               randomised SDXL size micro-conditioning so any target size is in
               distribution). Every ``--ckpt-every`` steps the EMA pipeline is saved
               to ``<workdir>/pipeline`` (usable while training goes on).
-At the end the fp16 pipeline folder is written to ``--out`` (default fam/demo/model)
+At the end the fp16 pipeline folder is written to ``--out`` (default fam_demo/model)
 with ``training.json`` (settings, times) and ``loss.csv``.
 
     python scripts/train_demo_model.py --workdir /tmp/fam-demo-run

@@ -108,7 +108,7 @@ def count_objects(image, min_area: float = MIN_AREA) -> int:
 
 
 def object_color(image, min_area: float = MIN_AREA) -> str | None:
-    """Name (from ``fam.demo.COLORS``) of the colour nearest to the mean colour of the
+    """Name (from ``fam_demo.COLORS``) of the colour nearest to the mean colour of the
     largest object, or None when there is no object."""
     from .dataset import COLOR_RGB
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-import fam.demo as demo
-from fam.demo import dataset as D
-from fam.demo.model import train_bpe
+import fam_demo as demo
+from fam_demo import dataset as D
+from fam_demo.model import train_bpe
 
 
 def test_word_lists_and_caption_grammar():

@@ -1,7 +1,6 @@
 """The embedded demo model: offline loading, architecture, text encoding, generation
 through FAMPipeline, and the `fam demo` / `fam eval` plumbing at tiny step counts."""
 
-import argparse
 import json
 import os
 import re
@@ -11,9 +10,9 @@ import pytest
 import torch
 
 import fam
-import fam.demo as demo
-from fam.demo import commands
-from fam.demo.evaluation import (
+import fam_demo as demo
+from fam_demo import commands
+from fam_demo.evaluation import (
     EVAL_SCENES,
     HEADERS,
     EvalConfig,
@@ -24,9 +23,9 @@ from fam.demo.evaluation import (
     run_eval,
     write_csv,
 )
-from fam.demo.model import MAX_TOKENS, MODEL_DIR, encode_text, model_size_bytes, tokenize
-from fam.demo.segmentation import count_objects, object_color
-from fam.demo.showcase import run_demo
+from fam_demo.model import MAX_TOKENS, MODEL_DIR, encode_text, model_size_bytes, tokenize
+from fam_demo.segmentation import count_objects, object_color
+from fam_demo.showcase import run_demo
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +105,12 @@ def test_fam_pipeline_small_scale(fam_pipe):
 
 
 def test_cli_registers_demo_and_eval():
-    parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["demo", "--out", "x", "--steps", "3"])
+    from fam import cli
+
+    args = cli.build_parser("demo").parse_args(["demo", "--out", "x", "--steps", "3"])
     assert args.func is commands.cmd_demo and args.out == "x" and args.steps == 3
     assert args.model is None
+    parser = cli.build_parser("eval")
     args = parser.parse_args(["eval", "--quick", "--modes", "fam,direct", "--model", "ckpt"])
     assert args.func is commands.cmd_eval and args.quick and args.modes == "fam,direct" and args.model == "ckpt"
     assert args.am_layers is None

@@ -5,8 +5,8 @@ import copy
 import numpy as np
 import pytest
 
-from fam.demo import dataset as D
-from fam.demo.segmentation import connected_components, count_objects, object_color, segment, validate_segmentation
+from fam_demo import dataset as D
+from fam_demo.segmentation import connected_components, count_objects, object_color, segment, validate_segmentation
 
 
 @pytest.mark.parametrize("size", [64, 128, 256])

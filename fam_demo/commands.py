@@ -1,6 +1,8 @@
-"""CLI hook for `fam demo` and `fam eval` (fam/cli.py calls ``register(subparsers)``).
+"""The `fam demo` and `fam eval` subcommands. ``fam.cli`` lists them by name
+(``fam.cli.EXTERNAL_COMMANDS``) and imports this module only when one of them is
+run; ``configure_demo`` / ``configure_eval`` then fill in the subcommand's parser.
 
-Each subcommand stores its handler as ``func`` (``set_defaults(func=...)``); the
+Each parser stores its handler as ``func`` (``set_defaults(func=...)``); the
 handler takes the parsed namespace and returns an exit status."""
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
+
+from fam.cli import CLIError
 
 
 def _threads(n: int | None) -> None:
@@ -40,8 +44,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _at_least_one(flag: str, value: int) -> int:
-    from ..cli import CLIError
-
     if value < 1:
         raise CLIError(f"{flag} {value}: expected 1 or more")
     return value
@@ -49,8 +51,6 @@ def _at_least_one(flag: str, value: int) -> int:
 
 def _subset(flag: str, value: str, choices) -> list:
     """``"a,b"`` -> ``["a", "b"]``, every item one of ``choices``."""
-    from ..cli import CLIError
-
     items = value.split(",")
     if any(item not in choices for item in items):
         raise CLIError(f"{flag} {value!r}: expected a comma-separated subset of {','.join(choices)}")
@@ -58,8 +58,8 @@ def _subset(flag: str, value: str, choices) -> list:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..attention import resolve_am_layers
-    from ..cli import CLIError
+    from fam.attention import resolve_am_layers
+
     from .evaluation import EVAL_PROMPTS, MODES, SCALES, EvalConfig, evaluate, load_fam_pipeline
 
     cfg = EvalConfig.quick() if args.quick else EvalConfig()
@@ -117,12 +117,10 @@ def _add_model_argument(p: argparse.ArgumentParser) -> None:
                         "(default: the embedded model)")
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "demo", help="generate native/2x/3x/4x/2x4 images with the embedded model and a contact sheet",
-        description="Load the embedded demo model offline and generate, for a few prompts, the native image "
-                    "and the 2x2, 3x3, 4x4 and 2x4 results in modes fam, direct and direct_native; write the "
-                    "PNGs and one labelled contact sheet.")
+def configure_demo(p: argparse.ArgumentParser) -> None:
+    p.description = ("Load the embedded demo model offline and generate, for a few prompts, the native image "
+                     "and the 2x2, 3x3, 4x4 and 2x4 (height x width) results in modes fam, direct and "
+                     "direct_native; write the PNGs and one labelled contact sheet.")
     p.add_argument("--out", default="fam-demo-output", help="output folder (default ./fam-demo-output)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per pass (default 20)")
     p.add_argument("--guidance", type=float, default=5.0)
@@ -133,8 +131,8 @@ def register(subparsers) -> None:
     _add_model_argument(p)
     p.set_defaults(func=cmd_demo)
 
-    e = subparsers.add_parser(
-        "eval", help="quality evaluation of the FAM ablation modes on the embedded model",
-        description="Object count, structure consistency (PSNR/SSIM) and detail per mode and scale.")
-    add_eval_arguments(e, default_out="fam-eval-output")
-    e.set_defaults(func=cmd_eval)
+
+def configure_eval(p: argparse.ArgumentParser) -> None:
+    p.description = "Object count, structure consistency (PSNR/SSIM) and detail per mode and scale."
+    add_eval_arguments(p, default_out="fam-eval-output")
+    p.set_defaults(func=cmd_eval)

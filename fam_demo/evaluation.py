@@ -3,7 +3,7 @@
 For a fixed prompt set x seeds, every mode (direct, direct_native, skip_residual,
 fm, am, fam) and every scale (2x2, 3x3, 4x4, 2x4) generates one image and we
 measure
-  * object count (fam.demo.segmentation) -> share of images with exactly one object;
+  * object count (fam_demo.segmentation) -> share of images with exactly one object;
   * structure consistency: PSNR / SSIM of the high-res image area-downsampled to the
     native size against the native image of the same prompt and seed;
   * detail: high-band spectral energy relative to a bicubic upscale of the native.
@@ -22,14 +22,23 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from fam._io import atomic_open, save_png
+from fam.modes import MODES as MODE_DEFINITIONS
 from fam_kernels._device import device_description
 
-from .._io import atomic_open, save_png
 from .dataset import caption
 from .metrics import consistency, detail_ratio, to_float
 from .segmentation import count_objects
 
-MODES: List[str] = ["direct", "direct_native", "skip_residual", "fm", "am", "fam"]
+
+def _guidance_rank(name: str) -> Tuple[bool, bool, int, bool]:
+    """Sort key from no guidance to full FAM: direct, direct_native, skip_residual, fm, am, fam."""
+    mode = MODE_DEFINITIONS[name]
+    modulations = int(mode.frequency_modulation) + int(mode.attention_modulation)
+    return mode.native_pass, modulations > 0 or mode.skip_residual, modulations, mode.attention_modulation
+
+
+MODES: List[str] = sorted(MODE_DEFINITIONS, key=_guidance_rank)  # the sampler's modes, in table order
 SCALES: Dict[str, Tuple[int, int]] = {"2x2": (2, 2), "3x3": (3, 3), "4x4": (4, 4), "2x4": (2, 4)}
 
 # (shape, color, background): every shape once, colours and backgrounds varied.
@@ -101,7 +110,7 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print) -
     """Generate and measure every (prompt, seed, mode, scale). Returns the samples and
     native-image statistics (``{"one_object_share": ..., "n": ...}``)."""
     if config.am_layers is not None:
-        from ..attention import resolve_am_layers
+        from fam.attention import resolve_am_layers
 
         resolve_am_layers(fam_pipe.pipe.unet, config.am_layers)  # a bad name fails before any generation
     samples: List[Sample] = []
@@ -263,8 +272,7 @@ def load_fam_pipeline(threads: Optional[int] = None, path: Optional[str] = None)
     training checkpoint) wrapped in fam.FAMPipeline (CPU, fp32)."""
     import fam
 
-    from . import load_pipeline
-    from .model import MODEL_DIR
+    from .model import MODEL_DIR, load_pipeline
 
     if threads:
         torch.set_num_threads(threads)

@@ -1,5 +1,6 @@
 """`fam demo`: native, 2x, 3x, 4x and 2x4 images in modes fam / direct / direct_native
-from the embedded model, written as PNGs plus one labelled contact sheet."""
+from the embedded model, written as PNGs plus one labelled contact sheet. Sizes in
+labels and file names are height x width, like ``--scale 2x4`` and torch."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .._io import save_png
+from fam._io import save_png
+
 from .dataset import caption
 from .evaluation import SCALES, _slug
 
@@ -113,23 +115,23 @@ def run_demo(fam_pipe, out_dir: str = "fam-demo-output", prompts: Sequence[str] 
                 result.seconds[(prompt, mode, scale)] = dt
                 img = out.images[0]
                 settings = {"prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance_scale}
-                path = os.path.join(folder, f"{mode}_{scale}_{img.width}x{img.height}.png")
+                path = os.path.join(folder, f"{mode}_{scale}_{img.height}x{img.width}.png")
                 save_png(img, path, json.dumps({**settings, "mode": mode, "scale": scale}, sort_keys=True))
                 result.files.append(path)
                 per_mode[mode].append(img)
                 if native_img is None and out.native_images is not None:
                     native_img = out.native_images[0]
-                    npath = os.path.join(folder, f"native_{native_img.width}x{native_img.height}.png")
+                    npath = os.path.join(folder, f"native_{native_img.height}x{native_img.width}.png")
                     save_png(native_img, npath, json.dumps({**settings, "image": "native"}, sort_keys=True))
                     result.files.append(npath)
                 done = time.perf_counter() - t_all
-                log(f"[{k}/{total}] {mode:>13} {scale} ({img.width}x{img.height}) '{prompt}': {dt:.1f}s "
+                log(f"[{k}/{total}] {mode:>13} {scale} ({img.height}x{img.width}) '{prompt}': {dt:.1f}s "
                     f"(elapsed {done:.0f}s, eta {done / k * (total - k):.0f}s)")
         for mode in modes:
             sheet_rows.append((f"{_wrap(prompt)}\n\nmode: {mode}", [native_img] + per_mode[mode]))
     first = per_mode[modes[0]][0]  # the native size, from the first high-res image and its factors
-    nw, nh = first.width // SCALES[scales[0]][1], first.height // SCALES[scales[0]][0]
-    columns = [f"native {nw}x{nh}"] + [f"{s} ({nw * SCALES[s][1]}x{nh * SCALES[s][0]})" for s in scales]
+    nh, nw = first.height // SCALES[scales[0]][0], first.width // SCALES[scales[0]][1]
+    columns = [f"native {nh}x{nw}"] + [f"{s} ({nh * SCALES[s][0]}x{nw * SCALES[s][1]})" for s in scales]
     save_png(contact_sheet(sheet_rows, columns, cell=cell), result.sheet, optimize=True)
     result.total_seconds = time.perf_counter() - t_all
     return result
