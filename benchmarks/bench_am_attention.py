@@ -6,9 +6,11 @@ plain SDPA on the same high-res q/k/v (AM cannot cost less than that one
 attention) and the materialised eq. 7 oracle where it fits in its memory cap
 (otherwise the bytes it would need are reported). Time is the median over repeats
 after warm-up, the providers taking turns in each round; peak memory is measured in a fresh process per provider, inputs
-excluded. Writes benchmarks/results/am_attention.{csv,md}.
+excluded. Writes am_attention.{csv,md,png} (time and peak memory vs token count per
+provider, with the materialised form's memory) into --out (default
+benchmarks/results/local/).
 
-    python -m benchmarks.bench_am_attention [--quick] [--device cpu|cuda]
+    python -m benchmarks.bench_am_attention [--quick] [--device cpu|cuda] [--out DIR] [--plot-only]
 """
 
 from __future__ import annotations
@@ -26,7 +28,22 @@ import fam_kernels
 from fam_kernels import am
 from fam_kernels.reference import DEFAULT_MAX_BYTES, am_attention_materialized
 
-from .common import Timing, device_description, markdown_table, peak_rss_of, row, time_fn, write_csv
+from .common import (
+    Timing,
+    add_output_arguments,
+    device_description,
+    figure,
+    markdown_table,
+    metric_medians,
+    peak_rss_of,
+    plot_lines,
+    read_csv,
+    row,
+    save_figure,
+    time_fn,
+    write_csv,
+    write_text,
+)
 
 B, HEADS, D, LAM = 2, 20, 64, 0.7
 NATIVE = (32, 32)
@@ -38,7 +55,6 @@ SHAPES = [
     ("4x 128x128", (128, 128), (0, 2)),
 ]
 QUICK_SHAPES = [("2x 64x64", (64, 64), (1, 2))]
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TIME_TARGET, MEMORY_TARGET = 1.05, 1.10
 
 
@@ -126,7 +142,7 @@ def run(shapes, device: str, dtype) -> list:
     return results
 
 
-def report(results, device: str, default: str, dtype):
+def report(results, device: str, default: str, dtype, out: str):
     rows, body, verdicts = [], [], []
     by_shape = {}
     for e in results:
@@ -156,7 +172,7 @@ def report(results, device: str, default: str, dtype):
                 verdicts.append(f"- {shape}: time {ratio_t:.3f}x SDPA ({'met' if ok_t else 'NOT met'}), "
                                 f"peak {ratio_m if ratio_m == '-' else f'{ratio_m:.3f}x'} SDPA "
                                 f"({'met' if ok_m else 'NOT met'})")
-    write_csv(os.path.join(RESULTS, "am_attention.csv"), rows)
+    write_csv(os.path.join(out, "am_attention.csv"), rows)
     table = markdown_table(["shape", "provider", "time (s)", "x SDPA time", "attention TFLOP/s", "peak MiB",
                             "x SDPA peak", "notes"], body)
     text = textwrap.dedent(f"""\
@@ -171,19 +187,53 @@ def report(results, device: str, default: str, dtype):
 
         """) + table + "\n\nTargets for the default backend (<= 1.05x SDPA time, <= 1.10x SDPA peak):\n" + \
         "\n".join(verdicts) + "\n"
-    with open(os.path.join(RESULTS, "am_attention.md"), "w") as f:
-        f.write(text)
+    write_text(os.path.join(out, "am_attention.md"), text)
     print(text)
 
 
-def main():
+def _tokens(shape: str) -> int:
+    """``"2x4 64x128"`` -> 64 * 128 high-res tokens."""
+    h, w = shape.split()[-1].split("x")
+    return int(h) * int(w)
+
+
+def plot(csv_path: str, png_path: str) -> None:
+    """Time and peak memory vs high-res token count per provider (SDPA as the yardstick);
+    the memory panel adds what the materialised eq. 7 needs for its N x N maps (fp32)."""
+    rows = read_csv(csv_path)
+    times, peaks = metric_medians(rows, "am_attention", "time"), metric_medians(rows, "am_attention", "peak_memory")
+    shapes = sorted({x for x, _ in times}, key=_tokens)
+    tokens = [_tokens(x) for x in shapes]
+    names = list(dict.fromkeys(n for _, n in times))
+    labels = [f"{x.split()[-1]}\nN={_tokens(x)}" for x in shapes]
+    positions = range(len(shapes))  # evenly spaced, in token order
+    fig, (time_ax, memory_ax) = figure(2)
+    plot_lines(time_ax, positions, {n: [times.get((x, n), float("nan")) for x in shapes] for n in names},
+               logy=True, xlabel="high-res grid height x width, tokens N", ylabel="s (log)",
+               title=f"am_attention time, B={B}, {HEADS} heads, d={D}, native {NATIVE[0]}x{NATIVE[1]}",
+               xticklabels=labels)
+    memory = {n: [peaks.get((x, n), float("nan")) for x in shapes] for n in names}
+    memory["materialized"] = [oracle_bytes(n) / 2**20 for n in tokens]
+    plot_lines(memory_ax, positions, memory, logy=True, xlabel="high-res grid height x width, tokens N",
+               ylabel="peak MiB (log)", title="am_attention peak memory (materialized: its N x N maps)",
+               xticklabels=labels)
+    save_figure(fig, png_path)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the 2x shape only, 2 repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    dtype = torch.float32 if args.device == "cpu" else torch.float16
-    default = am.choose_backend(None, args.device, D)
-    report(run(QUICK_SHAPES if args.quick else SHAPES, args.device, dtype), args.device, default, dtype)
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    csv_path, png_path = os.path.join(args.out, "am_attention.csv"), os.path.join(args.out, "am_attention.png")
+    if not args.plot_only:
+        dtype = torch.float32 if args.device == "cpu" else torch.float16
+        default = am.choose_backend(None, args.device, D)
+        report(run(QUICK_SHAPES if args.quick else SHAPES, args.device, dtype), args.device, default, dtype,
+               args.out)
+    plot(csv_path, png_path)
+    print(png_path)
 
 
 if __name__ == "__main__":

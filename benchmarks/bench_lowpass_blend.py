@@ -7,9 +7,11 @@ the same run. Mid-schedule (t = T/2, c = 0.5: cutoff = size/4, gain 0.5) at ever
 shape, and t/T in {0.1, 0.5, 0.9} at (2, 4, 512, 512). Also the Triton kernel's
 ahead-of-time sm_80 / sm_90 register, spill and shared-memory figures.
 
-    python -m benchmarks.bench_lowpass_blend [--quick] [--threads N]
+    python -m benchmarks.bench_lowpass_blend [--quick] [--threads N] [--out DIR] [--plot-only]
 
-Writes benchmarks/results/lowpass_blend.csv and .md and prints the table.
+Writes lowpass_blend.csv, .md and .png (time vs size per backend with the reference
+and the floor; time vs t/T) into --out (default benchmarks/results/local/) and prints
+the table.
 """
 
 from __future__ import annotations
@@ -22,13 +24,25 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 import fam_kernels
-from benchmarks.common import device_description, markdown_table, row, time_fn, write_csv
+from benchmarks.common import (
+    add_output_arguments,
+    device_description,
+    figure,
+    markdown_table,
+    metric_medians,
+    plot_lines,
+    read_csv,
+    row,
+    save_figure,
+    time_fn,
+    write_csv,
+    write_text,
+)
 from fam_kernels import _lowpass_basis as basis
 from fam_kernels import lowpass as lp
 from fam_kernels.reference import lowpass_blend_reference
 
 OP = "lowpass_blend"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SHAPES = [(2, 4, 128, 128), (2, 4, 256, 256), (2, 4, 384, 384), (2, 4, 512, 512), (2, 4, 256, 512)]
 ACROSS_T_SHAPE = (2, 4, 512, 512)
 T = 1000
@@ -136,12 +150,47 @@ def report(medians, device: str, aot_body) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _case(x: str):
+    """``"2x4x256x512 t/T=0.5"`` -> ((H, W), 0.5)."""
+    shape, rho = x.split(" t/T=")
+    return tuple(int(n) for n in shape.split("x")[-2:]), float(rho)
+
+
+def plot(csv_path: str, png_path: str) -> None:
+    """Time vs size at mid-schedule (log-log) and vs t/T at the largest square size, per provider."""
+    times = metric_medians(read_csv(csv_path), OP, "time")
+    names = list(dict.fromkeys(n for _, n in times))
+    cases = {x: _case(x) for x, _ in times}
+
+    forms = [n for n in names if n.endswith(("_lowrank", "_spectral"))]  # the two forms inside cpu / torch
+
+    def series(xs):
+        return {n: [times.get((x, n), float("nan")) for x in xs] for n in names}
+
+    fig, (by_size, by_t) = figure(2)
+    mid = sorted((x for x in cases if cases[x][1] == 0.5), key=lambda x: cases[x][0][0] * cases[x][0][1])
+    plot_lines(by_size, range(len(mid)), series(mid), logy=True, secondary=forms,
+               xlabel="latent height x width (batch 2, 4 channels), by pixel count", ylabel="ms (log)",
+               title="lowpass_blend at t = T/2 (c = 0.5)", xticklabels=["%dx%d" % cases[x][0] for x in mid])
+    square = max(hw for hw, _ in cases.values() if hw[0] == hw[1])
+    across = sorted((x for x in cases if cases[x][0] == square), key=lambda x: cases[x][1])
+    plot_lines(by_t, [cases[x][1] for x in across], series(across), logy=True, secondary=forms, xlabel="t / T",
+               ylabel="ms (log)", title="lowpass_blend at %dx%d across the schedule" % square)
+    save_figure(fig, png_path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 is steadier on a CPU shared with other jobs")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    csv_path, md_path, png_path = (os.path.join(args.out, f"{OP}.{ext}") for ext in ("csv", "md", "png"))
+    if args.plot_only:
+        plot(csv_path, png_path)
+        print(png_path)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,11 +201,12 @@ def main(argv=None):
     except Exception as exc:  # no Triton or no ptxas: the timings still stand
         print(f"Triton AOT figures unavailable: {type(exc).__name__}: {exc}")
         aot_rows, aot_body = [], []
-    write_csv(os.path.join(RESULTS, f"{OP}.csv"), rows + aot_rows)
+    write_csv(csv_path, rows + aot_rows)
     text = report(medians, device, aot_body)
-    with open(os.path.join(RESULTS, f"{OP}.md"), "w") as f:
-        f.write(text)
+    write_text(md_path, text)
+    plot(csv_path, png_path)
     print(text)
+    print(f"wrote {csv_path}, {md_path}, {png_path}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ calls, decoding, the whole call; peak resident memory of the call in a fresh
 process. Targets: fam/direct <= 1 + native share + 0.05 (native share = native
 pass / direct call) and peak memory fam <= 1.05 x direct.
 
-    python -m benchmarks.bench_pipeline [--quick] [--threads N]
+Writes pipeline.{csv,md,png} (phase breakdown per scale and configuration) into --out
+(default benchmarks/results/local/).
+
+    python -m benchmarks.bench_pipeline [--quick] [--threads N] [--out DIR] [--plot-only]
 """
 
 from __future__ import annotations
@@ -22,9 +25,20 @@ from typing import Dict, List
 
 import torch
 
-from benchmarks.common import device_description, markdown_table, peak_rss_of, row, write_csv
+from benchmarks.common import (
+    add_output_arguments,
+    device_description,
+    figure,
+    markdown_table,
+    metric_medians,
+    peak_rss_of,
+    read_csv,
+    row,
+    save_figure,
+    write_csv,
+    write_text,
+)
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODEL = dict(block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 2, 10), attention_heads=(2, 4, 8),
              layers_per_block=2, sample_size=32, vae_block_out_channels=(16, 32, 64, 64), text_hidden_size=32)
 CONFIGS = {"direct": dict(mode="direct"), "fam-recompute": dict(mode="fam", am_source="recompute"),
@@ -95,6 +109,39 @@ pipe(PROMPT, generator=generator, output_type="np", **{kwargs!r})
 """)
 
 
+# stacked phases of one call: (label, CSV metric); "high-res UNet" is the high-res pass
+# less the FM and AM parts measured inside it
+PHASES = [("native pass", "native"), ("high-res UNet", None), ("FM", "fm"), ("AM recompute", "am_recompute"),
+          ("AM op", "am_op"), ("decode", "decode")]
+
+
+def plot(csv_path: str, png_path: str) -> None:
+    """Per scale, one stacked bar per configuration: where the time of a call goes."""
+    rows = read_csv(csv_path)
+    values = {metric: metric_medians(rows, "pipeline", metric)
+              for metric in ("native", "high_res", "fm", "am_recompute", "am_op", "decode")}
+    scales = list(dict.fromkeys(x for x, _ in values["native"]))
+    fig, axes = figure(len(scales), width=5.0, height=3.2)
+    for ax, x in zip(axes, scales):
+        configs = [config for scale, config in values["native"] if scale == x]
+        left = [0.0] * len(configs)
+        for label, metric in PHASES:
+            if metric is None:
+                widths = [values["high_res"][(x, c)] - sum(values[m][(x, c)] for m in ("fm", "am_recompute", "am_op"))
+                          for c in configs]
+            else:
+                widths = [values[metric][(x, c)] for c in configs]
+            ax.barh(range(len(configs)), widths, left=left, label=label)
+            left = [a + w for a, w in zip(left, widths)]
+        ax.set_yticks(range(len(configs)), configs)
+        ax.invert_yaxis()
+        ax.set(xlabel="seconds per call (median)", title=f"scale {x.split()[0]} (height x width)")
+        ax.grid(True, axis="x", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(PHASES), fontsize="small")
+    save_figure(fig, png_path)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 steps, 1 repeat")
@@ -102,7 +149,13 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: per-op overhead of a tiny model on a shared CPU)")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    csv_path, md_path, png_path = (os.path.join(args.out, f"pipeline.{ext}") for ext in ("csv", "md", "png"))
+    if args.plot_only:
+        plot(csv_path, png_path)
+        print(png_path)
+        return
     steps = args.steps or (2 if args.quick else 4)
     repeats = args.repeats or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
@@ -152,7 +205,7 @@ def main(argv=None) -> None:
                      else f"{memory_ratio:.2f} ({'met' if memory_ratio <= 1.05 else 'missed'})",
                      median["cache_mb"]])
 
-    write_csv(os.path.join(RESULTS, "pipeline.csv"), rows)
+    write_csv(csv_path, rows)
     header = ["scale", "config", "native pass s", "high-res pass s", "FM s", "AM recompute s", "AM op s",
               "decode s", "total s", "vs direct (target)", "peak MB", "peak vs direct (<= 1.05)", "AM cache MB"]
     table = markdown_table(header, body)
@@ -163,9 +216,10 @@ def main(argv=None) -> None:
             f"({native_latent * 8} px), {steps} steps per pass, CFG batched, median of {repeats} run(s). "
             f"FM, AM op and AM recompute are included in the high-res pass time; peak memory is the resident-set "
             f"growth of one call in a fresh process.\n\n{table}\n")
-    with open(os.path.join(RESULTS, "pipeline.md"), "w") as f:
-        f.write(text)
+    write_text(md_path, text)
+    plot(csv_path, png_path)
     print(text)
+    print(f"wrote {csv_path}, {md_path}, {png_path}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,24 @@
 """Shared benchmark plumbing: timing (median and percentiles after warm-up), peak
-memory of a callable measured in a fresh process, the machine description, and
-Liger-style CSV rows plus a markdown table.
+memory of a callable measured in a fresh process, the machine description,
+Liger-style CSV rows plus a markdown table, the ``--out`` / ``--plot-only`` options
+and PNG plots (matplotlib, Agg backend).
 
 CSV columns: op, provider, metric, unit, x, median, p20, p80, device, timestamp, version.
+
+Every benchmark writes into ``--out DIR``, by default ``benchmarks/results/local/``
+(git-ignored), so a run never overwrites the committed results; those are written
+with an explicit ``--out benchmarks/results``. ``--plot-only`` redraws the plots from
+the CSV already in ``DIR`` without measuring anything.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -18,6 +27,9 @@ import torch
 
 from fam._io import atomic_open
 from fam_kernels._device import device_description  # noqa: F401  (re-exported for the benchmarks)
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # the committed results
+DEFAULT_OUT = os.path.join(RESULTS_DIR, "local")
 
 CSV_FIELDS = ["op", "provider", "metric", "unit", "x", "median", "p20", "p80", "device", "timestamp", "version"]
 
@@ -116,3 +128,89 @@ def peak_rss_of(fn_source: str, timeout: float = 600.0) -> int:
         if line.startswith("FAM_PEAK"):
             return int(line.split()[1])
     raise RuntimeError(f"memory probe failed:\n{out.stderr[-2000:]}")
+
+
+# ------------------------------------------------------------------------------ output
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help="folder for the CSV, markdown and PNG plots (default benchmarks/results/local/, "
+                             "git-ignored; the committed results are written with --out benchmarks/results)")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="measure nothing: redraw the plots from the CSV already in --out")
+
+
+def write_text(path: str, text: str) -> None:
+    """Write atomically (temporary file + rename)."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def read_csv(path: str) -> List[Dict[str, object]]:
+    """The rows of a CSV written by :func:`write_csv`, numbers as floats. A missing file
+    ends the program with a one-line message."""
+    if not os.path.exists(path):
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: no {path} to plot; run the benchmark with this --out "
+                 f"first, or pass --out {os.path.relpath(RESULTS_DIR)} for the committed results")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for key in ("median", "p20", "p80"):
+            r[key] = float(r[key])
+    return rows
+
+
+def metric_medians(rows: Iterable[Dict[str, object]], op: str, metric: str) -> Dict[tuple, float]:
+    """``{(x, provider): median}`` of one op's metric."""
+    return {(r["x"], r["provider"]): r["median"] for r in rows if r["op"] == op and r["metric"] == metric}
+
+
+# ------------------------------------------------------------------------------ plots
+
+# the two yardsticks every plot draws the same way
+STYLES = {"reference": dict(color="black", linestyle="--", marker="s"),
+          "floor": dict(color="grey", linestyle=":", marker="v"),
+          "sdpa": dict(color="black", linestyle="--", marker="s"),
+          "materialized": dict(color="tab:red", linestyle=":", marker="x")}
+
+
+def figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+    """A matplotlib figure with ``ncols`` axes side by side (Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False, layout="constrained")
+    return fig, list(axes[0])
+
+
+def plot_lines(ax, xs: Sequence[float], series: Dict[str, Sequence[float]], *, xlabel: str, ylabel: str,
+               title: str = "", logx: bool = False, logy: bool = False, xticklabels: Optional[Sequence[str]] = None,
+               secondary: Sequence[str] = ()):
+    """One line per series (NaN points are skipped), styled by :data:`STYLES` where named;
+    the ``secondary`` series (e.g. a backend's internal forms) are drawn faint."""
+    for name, ys in series.items():
+        points = [(x, y) for x, y in zip(xs, ys) if y == y]
+        style = dict(marker=".", linestyle="-.", alpha=0.6) if name in secondary else dict(marker="o")
+        if points:
+            ax.plot(*zip(*points), label=name, **STYLES.get(name, style))
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    if xticklabels is not None:
+        ax.set_xticks(list(xs), list(xticklabels))
+        ax.minorticks_off()
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def save_figure(fig, path: str) -> None:
+    """Write the figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
