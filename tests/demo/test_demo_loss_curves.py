@@ -1,0 +1,33 @@
+"""The training-curve plot (docs/demo/loss_curves.png) from the loss CSVs."""
+
+import os
+
+import numpy as np
+
+from fam_demo.loss_curves import main, running_mean
+
+
+def test_running_mean_averages_the_last_window_values():
+    values = np.array([1.0, 3.0, 5.0, 7.0])
+    np.testing.assert_allclose(running_mean(values, 2), [1.0, 2.0, 4.0, 6.0])
+    np.testing.assert_allclose(running_mean(values, 10), [1.0, 2.0, 3.0, 4.0])
+
+
+def test_writes_one_png_from_the_two_csvs(tmp_path):
+    unet, vae = tmp_path / "unet.csv", tmp_path / "vae.csv"
+    unet.write_text("step,loss,loss_avg100,lr,elapsed_s\n" + "".join(
+        f"{s},{1 / (s + 1)},{1 / (s + 1)},0.0005,{s}\n" for s in range(30)))
+    vae.write_text("step,l1,mse,kl_per_dim\n" + "".join(
+        f"{s},{0.5 / (s + 1)},{0.1 / (s + 1)},{s}\n" for s in range(30)))
+    out = tmp_path / "curves.png"
+    assert main(["--unet", str(unet), "--vae", str(vae), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(tmp_path)) == ["curves.png", "unet.csv", "vae.csv"]
+
+
+def test_a_missing_csv_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+    assert main(["--unet", str(tmp_path / "none.csv"), "--vae", str(tmp_path / "none.csv"),
+                 "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loss_curves: error: FileNotFoundError") and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
