@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import os
 import statistics
 import textwrap
@@ -23,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 import fam_kernels
-from fam_kernels import am
 from fam_kernels.reference import DEFAULT_MAX_BYTES, am_attention_materialized
 
 from .common import Timing, device_description, markdown_table, peak_rss_of, row, time_fn, write_csv
+
+am = importlib.import_module("fam_kernels.am_attention")  # the op's module
 
 B, HEADS, D, LAM = 2, 20, 64, 0.7
 NATIVE = (32, 32)
@@ -59,7 +61,7 @@ def providers(device: str):
     """name -> call(q, k, v, q_lr, k_lr, hr) for every provider that runs here."""
     out = {}
     for name, backend in am.DISPATCHER.backends.items():
-        if not backend.not_supported_reasons(device=device, head_dim=D) and not (name == "triton" and device == "cpu"):
+        if not backend.not_supported_reasons(device, head_dim=D) and not (name == "triton" and device == "cpu"):
             out[name] = (f"fam_kernels.am_attention(q, k, v, q_lr, k_lr, lam={LAM}, hr_size=hr, "
                          f"lr_size={NATIVE}, backend={name!r})")
     out["sdpa"] = "F.scaled_dot_product_attention(q, k, v)"
@@ -182,7 +184,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     dtype = torch.float32 if args.device == "cpu" else torch.float16
-    default = am.choose_backend(None, args.device, D)
+    default = am.DISPATCHER.select(None, args.device, head_dim=D).name
     report(run(QUICK_SHAPES if args.quick else SHAPES, args.device, dtype), args.device, default, dtype)
 
 
