@@ -81,3 +81,18 @@ def test_aot_compiles_without_spills(head_dim, dtype, arch):
         assert report.spills == 0, f"{report.spill_stores} B spill stores, {report.spill_loads} B spill loads"
         assert report.shared_bytes <= (163 if arch == 80 else 227) * 1024
 
+
+
+def test_fp32_dots_are_ieee_not_tf32():
+    """Decision: fp32 inputs run true-fp32 tl.dot (input_precision="ieee"), never TF32,
+    so fp32 results on a GPU stay within the fp32 tolerances the oracle tests use
+    (TF32's 10-bit mantissa would not). Both kernels, every fp32 launch."""
+    import inspect
+
+    from fam_kernels.triton import am_attention as am_k
+    from fam_kernels.triton import lowpass_blend as lp_k
+
+    for blend in (False, True):
+        assert am_k.aot_signature("fp32", blend)[1]["IEEE_DOT"] is True
+    assert "IEEE_DOT=q.dtype == torch.float32" in inspect.getsource(am_k._attention_pass)
+    assert 'tl.dot(a, b, acc, input_precision="ieee")' in inspect.getsource(lp_k.lowpass_gemm_kernel.fn)
