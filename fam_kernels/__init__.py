@@ -12,7 +12,8 @@ registration). The package attributes ``fam_kernels.lowpass_blend`` and
 ``importlib.import_module("fam_kernels.am_attention")``).
 """
 
-from . import reference
+# _threads first: it sets OpenMP's wait policy before torch loads the runtime.
+from . import _threads, reference  # noqa: F401  (_threads: imported for its effect)
 from ._ext import extension_unavailable_reason, has_cuda_kernels
 from .am_attention import am_attention
 from .dispatch import BackendNotSupportedError
