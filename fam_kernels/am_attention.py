@@ -113,7 +113,9 @@ def _sdpa(q, k, v, scale: float) -> torch.Tensor:
     """SDPA, with NaN rows where the query row holds NaN or inf: torch's CPU SDPA
     kernels return 0 for such rows, the oracle (softmax of NaN scores) NaN."""
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out.masked_fill_(~torch.isfinite(q).all(-1, keepdim=True), float("nan"))
+    # A row sum is non-finite iff the row holds NaN/inf (or overflows fp32, where the
+    # scores overflow too); (B, heads, N, 1) floats instead of an N x d mask.
+    return out.masked_fill_(~q.sum(-1, keepdim=True, dtype=torch.float32).isfinite(), float("nan"))
 
 
 def am_attention_torch(q, k, v, q_lr, k_lr, lam: float, grid: AmGrid, scale: float) -> torch.Tensor:
