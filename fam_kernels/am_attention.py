@@ -9,18 +9,19 @@ U the nearest upsampling of both token axes divided by s_h * s_w,
 Every backend computes this form: the native term once per native query, gathered
 by the high-res queries (``csrc/include/fam/am_math.h`` holds the shared arithmetic).
 
-Backends, in automatic priority order (``FAM_KERNELS_AM_BACKEND`` or ``backend=``
+Backends, in fixed priority order (``FAM_KERNELS_AM_BACKEND`` or ``backend=``
 picks one explicitly):
   * ``triton`` -- one fused Triton kernel per pass (CUDA; CPU only through Triton's
     interpreter, ``TRITON_INTERPRET=1``, explicitly);
-  * ``cpu``    -- the C++ flash-style kernel (``csrc/cpu/am_attention.cpp``), the CPU
-    default because it is faster than ``torch`` there (benchmarks/results/am_attention.md);
+  * ``cpu``    -- the C++ flash-style kernel (``csrc/cpu/am_attention.cpp``), first on the
+    CPU (faster than ``torch`` in benchmarks/results/am_attention.md);
   * ``torch``  -- two ``scaled_dot_product_attention`` calls, blended in place;
   * ``cuda``   -- the SIMT CUDA kernel (``csrc/cuda/am_attention.cu``): no tensor-core
     path, so last in the fixed order; measured dispatch times it with the others.
 
-On CUDA the first call of a shape class times the applicable backends and keeps the
-fastest (``FAM_KERNELS_DISPATCH=fixed`` turns that off): :mod:`fam_kernels.dispatch`.
+On every device the first call of a shape class times the applicable backends and
+keeps the fastest (``FAM_KERNELS_DISPATCH=fixed``: the order above):
+:mod:`fam_kernels.dispatch`.
 
 Every backend returns the layout ``register_fake`` promises,
 ``torch.empty_like(q)``: the op copies a backend's result into it when they differ
