@@ -56,3 +56,10 @@ def test_cpu_kernels_use_torchs_thread_pool():
     with open("/proc/self/maps") as f:
         runtimes = {line.split()[-1] for line in f if "omp" in line.split()[-1].rsplit("/", 1)[-1]}
     assert len(runtimes) == 1, runtimes
+
+
+def test_fam_cli_gets_the_policy():
+    """`fam generate` is where the collapse was seen: the CLI module must import
+    fam_kernels (or fam_kernels._threads) before anything imports torch."""
+    settings, _ = _openmp_settings("import fam.cli, torch; torch.ones(4).sum()")
+    assert settings["GOMP_SPINCOUNT"] == "0", "fam.cli imported torch before fam_kernels: see fam_kernels/_threads.py"
