@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -170,3 +171,22 @@ def test_import_is_light():
             " print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_backend_lists_cover_the_device(device):
+    """The (device, backend) lists the oracle tests run: on the CPU the compiled kernel
+    (when built) and torch; on a GPU also Triton and, when compiled, the CUDA kernels,
+    so a GPU run cannot silently test only the fallback."""
+    from devices import backends_on
+
+    for dispatcher in (am.DISPATCHER, lp.DISPATCHER):
+        names = backends_on(dispatcher, device)
+        assert "torch" in names
+        if device == "cpu":
+            assert ("cpu" in names) == (fam_kernels.extension_unavailable_reason() is None)
+            assert ("triton" in names) == (os.environ.get("TRITON_INTERPRET") == "1")
+        else:
+            from fam_kernels.triton import triton_unavailable_reason
+
+            assert ("triton" in names) == (triton_unavailable_reason() is None)
+            assert ("cuda" in names) == fam_kernels.has_cuda_kernels()
