@@ -105,6 +105,10 @@ def _sync(device_type: str) -> None:
         torch.cuda.synchronize()
 
 
+def _capturing(device_type: str) -> bool:
+    return device_type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _device_name(device_type: str) -> str:
     if device_type == "cuda":
         return torch.cuda.get_device_name()
@@ -193,6 +197,8 @@ class Dispatcher:
             key = (device_type, str(dtype), *shape_class)
             if dispatch_mode() == "fixed" or len(cands) == 1:
                 chosen = cands[0]
+            elif _capturing(device_type):  # no timing (synchronize) inside a CUDA graph capture
+                chosen = self.backends.get(self.winners.get(key, ""), cands[0])
             else:
                 name = self.winners.get(key) or self._disk_winner(key, device_type)
                 if name is None or name not in {b.name for b in cands}:
