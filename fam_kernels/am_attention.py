@@ -173,7 +173,7 @@ DISPATCHER = Dispatcher(
         Backend("triton", _triton, devices=("cuda", "cpu"), auto_devices=("cuda",), max_head_dim=256,
                 availability=triton_availability),
         Backend("cpu", _compiled_op, devices=("cpu",), auto_devices=("cpu",), availability=compiled_cpu_availability),
-        Backend("torch", am_attention_torch),
+        Backend("torch", am_attention_torch, devices=None, auto_devices=None),  # plain torch: any device
         Backend("cuda", _compiled_op, devices=("cuda",), auto_devices=("cuda",), max_head_dim=128,
                 availability=compiled_cuda_availability),
     ],

@@ -64,7 +64,7 @@ class Backend:
     """One implementation of an op and what it supports.
 
     ``run`` takes the op's validated arguments. ``devices``: device types it can run
-    on at all; ``auto_devices``: those on which automatic selection considers it (a
+    on at all (None: any); ``auto_devices``: those on which automatic selection considers it (a
     backend may run elsewhere only when chosen explicitly: Triton on the CPU through
     its interpreter, for tests). ``availability(device_type)`` says why it cannot
     run right now (extension not built, Triton missing), or None.
@@ -72,8 +72,8 @@ class Backend:
 
     name: str
     run: Callable
-    devices: Tuple[str, ...] = ("cpu", "cuda")
-    auto_devices: Tuple[str, ...] = ("cpu", "cuda")
+    devices: Optional[Tuple[str, ...]] = ("cpu", "cuda")
+    auto_devices: Optional[Tuple[str, ...]] = ("cpu", "cuda")
     dtypes: Tuple[torch.dtype, ...] = FLOAT_DTYPES
     max_head_dim: Optional[int] = None
     availability: Callable[[str], Optional[str]] = field(default=_always_available, compare=False)
@@ -81,7 +81,7 @@ class Backend:
     def not_supported_reasons(self, device_type: str, dtype: Optional[torch.dtype] = None,
                               head_dim: Optional[int] = None) -> List[str]:
         reasons = []
-        if device_type not in self.devices:
+        if self.devices is not None and device_type not in self.devices:
             reasons.append(f"needs {' or '.join(d.upper() for d in self.devices)} tensors, got {device_type}")
         why = self.availability(device_type)
         if why:
@@ -158,7 +158,7 @@ class Dispatcher:
         """The backends automatic selection may run, in priority order; raises when none."""
         out, report = [], {}
         for name, b in self.backends.items():
-            if device_type not in b.auto_devices:
+            if b.auto_devices is not None and device_type not in b.auto_devices:
                 report[name] = [f"not selected automatically on {device_type}"]
                 continue
             if name in self.unusable:

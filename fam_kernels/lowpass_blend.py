@@ -152,7 +152,7 @@ DISPATCHER = Dispatcher(
         Backend("triton", _run_triton, devices=("cuda", "cpu"), auto_devices=("cuda",),
                 availability=triton_availability),
         Backend("cpu", _run_cpu, devices=("cpu",), auto_devices=("cpu",), availability=compiled_cpu_availability),
-        Backend("torch", _run_torch),
+        Backend("torch", _run_torch, devices=None, auto_devices=None),  # plain torch: any device
     ],
 )
 
