@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib
 import os
 import statistics
 import textwrap
@@ -25,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 import fam_kernels
-from fam_kernels import am
 from fam_kernels.reference import DEFAULT_MAX_BYTES, am_attention_materialized
 
 from .common import (
@@ -44,6 +44,8 @@ from .common import (
     write_csv,
     write_text,
 )
+
+am = importlib.import_module("fam_kernels.am_attention")  # the op's module
 
 B, HEADS, D, LAM = 2, 20, 64, 0.7
 NATIVE = (32, 32)
@@ -75,7 +77,7 @@ def providers(device: str):
     """name -> call(q, k, v, q_lr, k_lr, hr) for every provider that runs here."""
     out = {}
     for name, backend in am.DISPATCHER.backends.items():
-        if not backend.not_supported_reasons(device=device, head_dim=D) and not (name == "triton" and device == "cpu"):
+        if not backend.not_supported_reasons(device, head_dim=D) and not (name == "triton" and device == "cpu"):
             out[name] = (f"fam_kernels.am_attention(q, k, v, q_lr, k_lr, lam={LAM}, hr_size=hr, "
                          f"lr_size={NATIVE}, backend={name!r})")
     out["sdpa"] = "F.scaled_dot_product_attention(q, k, v)"
@@ -229,7 +231,7 @@ def main(argv=None):
     csv_path, png_path = os.path.join(args.out, "am_attention.csv"), os.path.join(args.out, "am_attention.png")
     if not args.plot_only:
         dtype = torch.float32 if args.device == "cpu" else torch.float16
-        default = am.choose_backend(None, args.device, D)
+        default = am.DISPATCHER.select(None, args.device, head_dim=D).name
         report(run(QUICK_SHAPES if args.quick else SHAPES, args.device, dtype), args.device, default, dtype,
                args.out)
     plot(csv_path, png_path)

@@ -4,6 +4,7 @@ argument and the allowed values."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -32,19 +33,34 @@ def check_same_device_dtype(names: Sequence[str], tensors: Iterable[torch.Tensor
             raise TypeError(f"{name} has dtype {t.dtype} but {names[0]} has {first.dtype}; use one dtype")
 
 
+def is_real_number(value) -> bool:
+    """The one rule for numeric arguments: a real number (int, float, numpy scalar),
+    never a bool and never a string or tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_real_in_range(name: str, value, lo: float, hi: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number in [{lo}, {hi}], got {value!r}") from None
+    """A real number (see :func:`is_real_number`) in [lo, hi], not NaN; returned as float.
+    +inf passes only when ``hi`` is inf."""
+    if not is_real_number(value):
+        raise TypeError(f"{name} must be a real number in [{lo}, {hi}], got {value!r}")
+    v = float(value)
     if not (lo <= v <= hi) or math.isnan(v):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
     return v
 
 
+def check_finite_in_range(name: str, value, lo: float, hi: float = math.inf) -> float:
+    """As :func:`check_real_in_range`, and finite."""
+    v = check_real_in_range(name, value, lo, hi)
+    if math.isinf(v):
+        raise ValueError(f"{name} must be finite, in [{lo}, {hi}), got {value!r}")
+    return v
+
+
 def pair(name: str, value, *, integer: bool = False) -> tuple:
     """Accept a scalar or a length-2 sequence; return a 2-tuple."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_real_number(value):
         out = (value, value)
     elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 2:
         out = tuple(value)

@@ -44,3 +44,16 @@ def extension_unavailable_reason() -> str | None:
 def has_cuda_kernels() -> bool:
     module = extension()
     return bool(module is not None and module.with_cuda())
+
+
+# Availability checks used as ``Backend.availability`` (fam_kernels.dispatch).
+
+
+def compiled_cpu_availability(device_type: str) -> str | None:
+    return extension_unavailable_reason()
+
+
+def compiled_cuda_availability(device_type: str) -> str | None:
+    if has_cuda_kernels():
+        return None
+    return extension_unavailable_reason() or "fam_kernels._C was built without CUDA kernels"

@@ -30,7 +30,9 @@ def kept_bins(n: int, cutoff: float) -> int:
     """Number of rfft bins (0, 1, ...) of an n-point axis inside the band ``2|k| < cutoff``:
     the integers 0 <= k <= n // 2 with k < cutoff / 2 (halving a float is exact)."""
     cutoff = float(cutoff)
-    return 0 if cutoff <= 0 else min(n // 2 + 1, math.ceil(cutoff / 2))
+    if cutoff <= 0:
+        return 0
+    return n // 2 + 1 if cutoff >= n + 2 else min(n // 2 + 1, math.ceil(cutoff / 2))  # inf: the full band
 
 
 def band_rank(n: int, kept: int) -> int:

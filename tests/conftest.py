@@ -25,3 +25,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(params=__import__("devices").DEVICES)
+def device(request):
+    """Each device present: "cpu", plus "cuda" when a GPU is visible. Tests that also
+    need a backend take (device, backend) params from devices.device_backends()."""
+    return request.param

@@ -3,31 +3,36 @@ eq. 7 oracle, special values of lam, layouts, fuzz, validation, dispatch, the
 torch.library registration. Triton: tests/test_am_triton.py; memory:
 tests/test_am_memory.py."""
 
+import importlib
 import os
 
 import pytest
 import torch
+from devices import backends_on, device_backends
 from hypothesis import given
 from hypothesis import strategies as st
 from tolerance import assert_matches_oracle
 
 import fam_kernels
-from fam_kernels import am
+from fam_kernels.am_attention import DISPATCHER, ENV_VAR
 from fam_kernels.dispatch import BackendNotSupportedError
 from fam_kernels.reference import am_attention_materialized, nearest_token_index
 
+am = importlib.import_module("fam_kernels.am_attention")  # the module (fam_kernels.am_attention is the op)
+
 EXTENSION_EXPECTED = not os.environ.get("FAM_KERNELS_SKIP_BUILD")
-BACKENDS = ["torch", "cpu"] if EXTENSION_EXPECTED else ["torch"]
+DEVICE_BACKENDS = device_backends(DISPATCHER)
+BACKENDS = backends_on(DISPATCHER, "cpu")  # CPU-only checks
 
 # (lr_size, hr_size): square 2x, square 3x, anisotropic 2x4, odd sizes
 GRIDS = [((4, 4), (8, 8)), ((6, 6), (18, 18)), ((4, 8), (8, 32)), ((5, 7), (10, 14))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def make_inputs(B, heads, lr_size, hr_size, d, dtype=torch.float32):
+def make_inputs(B, heads, lr_size, hr_size, d, dtype=torch.float32, device="cpu"):
     N, n = hr_size[0] * hr_size[1], lr_size[0] * lr_size[1]
-    hr = [torch.randn(B, heads, N, d).to(dtype) for _ in range(3)]
-    lr = [torch.randn(B, heads, n, d).to(dtype) for _ in range(2)]
+    hr = [torch.randn(B, heads, N, d).to(device, dtype) for _ in range(3)]
+    lr = [torch.randn(B, heads, n, d).to(device, dtype) for _ in range(2)]
     return (*hr, *lr)
 
 
@@ -47,42 +52,42 @@ def test_extension_loaded_when_expected():
         assert hasattr(torch.ops.fam_C, "am_attention")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d", [40, 64])
 @pytest.mark.parametrize("lr_size,hr_size", GRIDS, ids=lambda g: "x".join(map(str, g)))
-def test_matches_oracle(backend, dtype, d, lr_size, hr_size):
+def test_matches_oracle(device, backend, dtype, d, lr_size, hr_size):
     B, heads = (2, 3) if d == 40 else (1, 4)
-    check_against_oracle(backend, make_inputs(B, heads, lr_size, hr_size, d, dtype), lr_size, hr_size)
+    check_against_oracle(backend, make_inputs(B, heads, lr_size, hr_size, d, dtype, device), lr_size, hr_size)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("d,dtype", [(59, torch.float32), (80, torch.float16), (128, torch.bfloat16),
                                      (128, torch.float32), (8, torch.float32)], ids=str)
-def test_other_head_dims(backend, d, dtype):
+def test_other_head_dims(device, backend, d, dtype):
     lr, hr = (4, 6), (8, 12)
-    check_against_oracle(backend, make_inputs(1, 2, lr, hr, d, dtype), lr, hr, lam=0.3)
+    check_against_oracle(backend, make_inputs(1, 2, lr, hr, d, dtype, device), lr, hr, lam=0.3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_custom_scale_and_one_to_one_grid(backend):
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_custom_scale_and_one_to_one_grid(device, backend):
     lr = hr = (5, 3)  # s = 1: U is the identity, the op is plain attention on both terms
-    check_against_oracle(backend, make_inputs(2, 1, lr, hr, 16), lr, hr, lam=0.5, scale=0.37)
+    check_against_oracle(backend, make_inputs(2, 1, lr, hr, 16, device=device), lr, hr, lam=0.5, scale=0.37)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_lam_zero_is_plain_attention(backend):
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_lam_zero_is_plain_attention(device, backend):
     lr, hr = (4, 8), (8, 32)
-    q, k, v, q_lr, k_lr = make_inputs(2, 2, lr, hr, 40)
+    q, k, v, q_lr, k_lr = make_inputs(2, 2, lr, hr, 40, device=device)
     out = fam_kernels.am_attention(q, k, v, q_lr, k_lr, lam=0.0, hr_size=hr, lr_size=lr, backend=backend)
     plain = torch.softmax(q.double() @ k.double().transpose(-1, -2) * 40 ** -0.5, -1) @ v.double()
     assert_matches_oracle(out, plain, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_lam_one_is_upsampled_native_path(backend):
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_lam_one_is_upsampled_native_path(device, backend):
     lr, hr = (5, 7), (10, 14)
-    q, k, v, q_lr, k_lr = make_inputs(1, 3, lr, hr, 64)
+    q, k, v, q_lr, k_lr = make_inputs(1, 3, lr, hr, 64, device=device)
     out = fam_kernels.am_attention(q, k, v, q_lr, k_lr, lam=1.0, hr_size=hr, lr_size=lr, backend=backend)
     pooled = torch.nn.functional.avg_pool2d(v.double().transpose(-1, -2).reshape(3, 64, *hr), 2)
     pooled = pooled.reshape(1, 3, 64, -1).transpose(-1, -2)
@@ -93,15 +98,15 @@ def test_lam_one_is_upsampled_native_path(backend):
     assert torch.equal(out[:, :, 0], out[:, :, 1]) and torch.equal(out[:, :, 0], out[:, :, hr[1]])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_inputs(backend):
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_non_contiguous_inputs(device, backend):
     """q/k/v as diffusers produces them: (B, N, heads, d) transposed; plus a
     non-unit feature stride (every other channel of a wider tensor)."""
     lr, hr = (4, 4), (8, 12)
     B, heads, d = 2, 3, 40
-    q, k, v = (torch.randn(B, 96, heads, d).transpose(1, 2) for _ in range(3))
-    q_lr = torch.randn(B, 16, heads, 2 * d).transpose(1, 2)[..., ::2]
-    k_lr = torch.randn(B, heads, 16, d)
+    q, k, v = (torch.randn(B, 96, heads, d, device=device).transpose(1, 2) for _ in range(3))
+    q_lr = torch.randn(B, 16, heads, 2 * d, device=device).transpose(1, 2)[..., ::2]
+    k_lr = torch.randn(B, heads, 16, d, device=device)
     assert not q.is_contiguous() and q_lr.stride(-1) == 2
     check_against_oracle(backend, (q, k, v, q_lr, k_lr), lr, (8, 12))
     out = fam_kernels.am_attention(q, k, v, q_lr, k_lr, lam=0.7, hr_size=hr, lr_size=lr, backend=backend)
@@ -128,8 +133,123 @@ def test_fuzz_against_oracle(lr_h, lr_w, s_h, s_w, d, heads, B, lam, seed):
     torch.manual_seed(seed)
     lr, hr = (lr_h, lr_w), (lr_h * s_h, lr_w * s_w)
     inputs = make_inputs(B, heads, lr, hr, d)
+    for param in DEVICE_BACKENDS:
+        device, backend = param.values
+        check_against_oracle(backend, [x.to(device) for x in inputs], lr, hr, lam=lam)
+
+
+# --------------------------------------------------------------------------- layouts, special values, meta
+
+LAYOUTS = ["contiguous", "transposed", "feature_major", "channels_last_like", "sliced"]
+
+
+def make_layout(shape, layout, device="cpu"):
+    """A random (B, heads, N, d) tensor in one of the layouts users hand the op:
+    diffusers' (B, N, heads, d) transposed; token stride 1 (``randn(B, heads, d,
+    N).transpose(-1, -2)``); heads innermost (channels-last-like); every other
+    feature of a wider tensor (not dense)."""
+    B, heads, N, d = shape
+    if layout == "contiguous":
+        return torch.randn(B, heads, N, d, device=device)
+    if layout == "transposed":
+        return torch.randn(B, N, heads, d, device=device).transpose(1, 2)
+    if layout == "feature_major":
+        return torch.randn(B, heads, d, N, device=device).transpose(-1, -2)
+    if layout == "channels_last_like":
+        return torch.randn(B, N, d, heads, device=device).permute(0, 3, 1, 2)
+    if layout == "sliced":
+        return torch.randn(B, heads, N, 2 * d, device=device)[..., ::2]
+    raise ValueError(layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_output_layout_is_the_promised_one(device, backend, layout):
+    lr, hr = (2, 4), (4, 8)
+    hr_t = [make_layout((1, 2, 32, 16), layout, device) for _ in range(3)]
+    lr_t = [make_layout((1, 2, 8, 16), layout, device) for _ in range(2)]
+    out = fam_kernels.am_attention(*hr_t, *lr_t, lam=0.7, hr_size=hr, lr_size=lr, backend=backend)
+    assert out.stride() == torch.empty_like(hr_t[0]).stride()  # what register_fake returns
+    check_against_oracle(backend, (*hr_t, *lr_t), lr, hr)
+
+
+def test_issue_example_token_stride_one():
+    q = torch.randn(1, 1, 8, 16).transpose(-1, -2)  # (1, 1, 16, 8), strides (128, 128, 1, 16)
+    inputs = (q, q.clone(), q.clone(), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
     for backend in BACKENDS:
-        check_against_oracle(backend, inputs, lr, hr, lam=lam)
+        out = fam_kernels.am_attention(*inputs, lam=0.5, hr_size=(4, 4), lr_size=(2, 2), backend=backend)
+        assert out.stride() == (128, 128, 1, 16)
+
+
+SPECIAL = [  # (tensor index in (q, k, v, q_lr, k_lr), value, lams)
+    (3, float("nan"), (0.0, 0.5, 1.0)), (4, float("nan"), (0.0, 0.5)), (0, float("nan"), (0.0, 0.5, 1.0)),
+    (0, float("inf"), (0.5,)), (1, float("inf"), (0.5,)), (2, float("inf"), (0.0, 0.5, 1.0)),
+    (2, -float("inf"), (0.0, 0.7, 1.0)), (2, float("nan"), (0.0, 1.0)),
+]
+
+
+def check_special_values(backend, device="cpu"):
+    """NaN / inf at one element of each input: the output's NaN and inf positions are the oracle's."""
+    lr, hr = (2, 2), (4, 4)
+    for index, value, lams in SPECIAL:
+        for lam in lams:
+            inputs = list(make_inputs(1, 2, lr, hr, 16, device=device))
+            inputs[index][0, 1, 1, 3] = value
+            kw = dict(lam=lam, hr_size=hr, lr_size=lr)
+            out = fam_kernels.am_attention(*inputs, backend=backend, **kw)
+            want = am_attention_materialized(*inputs, precision=torch.float64, **kw)
+            case = f"{('q', 'k', 'v', 'q_lr', 'k_lr')[index]} = {value}, lam = {lam}"
+            assert torch.equal(out.isnan(), want.isnan()), case
+            assert torch.equal(out.isposinf(), want.isposinf()) and torch.equal(out.isneginf(), want.isneginf()), case
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_nan_and_inf_propagate_as_in_the_oracle(device, backend):
+    check_special_values(backend, device)
+
+
+def _traced_allocations(fn):
+    """Bytes of every tensor allocated by an aten op under fn (views excluded), in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sizes = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func._schema.is_mutable or func in (torch.ops.aten.detach.default,):
+                return out
+            inputs = {a.untyped_storage()._cdata for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+                    sizes.append(t.untyped_storage().nbytes())
+            return out
+
+    with Count():
+        result = fn()
+    return result, sizes
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "feature_major", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_meta_models_the_cuda_default(layout, dtype):
+    """On meta tensors: the promised shape, dtype and strides, and exactly the CUDA
+    default's (the fused kernels') allocations, visible to a dispatch-mode tracer."""
+    B, heads, d, lr, hr = 2, 3, 16, (3, 4), (6, 12)
+    N, n = hr[0] * hr[1], lr[0] * lr[1]
+    hr_t = [make_layout((B, heads, N, d), layout).to("meta", dtype) for _ in range(3)]
+    lr_t = [make_layout((B, heads, n, d), layout).to("meta", dtype) for _ in range(2)]
+    out, sizes = _traced_allocations(
+        lambda: fam_kernels.am_attention(*hr_t, *lr_t, lam=0.7, hr_size=hr, lr_size=lr))
+    assert out.device.type == "meta" and out.dtype == dtype and out.shape == (B, heads, N, d)
+    assert out.stride() == torch.empty_like(hr_t[0]).stride()
+    e = torch.empty((), dtype=dtype).element_size()
+    copies = [B * heads * m * d * e for m in (N, N, N, n, n)] if hr_t[0].stride(-1) != 1 else []
+    native, pooled = B * heads * n * d * 4, [B * heads * n * d * 4] + ([B * heads * n * d * e] if e != 4 else [])
+    output = B * heads * N * d * e
+    final_copy = [output] if torch.empty_like(hr_t[0]).stride(-1) != 1 else []
+    assert sizes == copies + [native] + pooled + [output] + final_copy
 
 
 # --------------------------------------------------------------------------- validation
@@ -165,10 +285,17 @@ BAD = [
     ("lam < 0", _with(lam=-0.1), ValueError, "lam must be in"),
     ("lam nan", _with(lam=float("nan")), ValueError, "lam must be in"),
     ("lam type", _with(lam="high"), TypeError, "lam must be a real number"),
+    ("lam numeric string", _with(lam="0.5"), TypeError, "lam must be a real number"),
+    ("lam bool", _with(lam=True), TypeError, "lam must be a real number"),
+    ("lam inf", _with(lam=float("inf")), ValueError, "lam must be in"),
+    ("scale bool", _with(scale=True), TypeError, "scale must be a positive real number"),
+    ("scale string", _with(scale="0.1"), TypeError, "scale must be a positive real number"),
+    ("scale inf", _with(scale=float("inf")), ValueError, "scale must be a positive finite"),
+    ("backend list", _with(backend=["cpu"]), TypeError, r"backend must be a string.*\['cpu'\]"),
     ("scale", _with(scale=0.0), ValueError, "scale must be a positive finite"),
     ("dtype mix", _with(v=lambda t: t["v"].half()), TypeError, "v has dtype torch.float16"),
     ("int dtype", _with(q=lambda t: t["q"].int()), TypeError, "q must be float32, float16 or bfloat16"),
-    ("meta device", _with(k_lr=lambda t: t["k_lr"].to("meta")), ValueError, "k_lr is on meta"),
+    ("mixed meta device", _with(k_lr=lambda t: t["k_lr"].to("meta")), ValueError, "k_lr is on meta"),
     ("not a tensor", _with(k=lambda t: t["k"].numpy()), TypeError, "k must be a torch.Tensor"),
     ("backend name", _with(backend="flash"), ValueError, "backend must be one of"),
 ]
@@ -187,17 +314,17 @@ def test_bad_inputs_raise_before_work(tensors_kw, exc, match, monkeypatch):
 # --------------------------------------------------------------------------- dispatch
 
 def _select(backend=None):
-    return am.choose_backend(backend, "cpu", 64)
+    return DISPATCHER.select(backend, "cpu", torch.float32, 64).name
 
 
 def test_cpu_default_is_the_fast_kernel(monkeypatch):
-    monkeypatch.delenv(am.ENV_VAR, raising=False)
+    monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.delenv("FAM_KERNELS_BACKEND", raising=False)
     assert _select() == ("cpu" if EXTENSION_EXPECTED else "torch")
 
 
 def test_env_var_and_argument_override(monkeypatch):
-    monkeypatch.setenv(am.ENV_VAR, "torch")
+    monkeypatch.setenv(ENV_VAR, "torch")
     assert _select() == "torch"
     if EXTENSION_EXPECTED:
         assert _select("cpu") == "cpu"  # the argument wins over the environment
@@ -213,9 +340,9 @@ def test_explicit_unavailable_backend_is_refused_with_reasons(monkeypatch):
 
 # --------------------------------------------------------------------------- registration
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    inputs = make_inputs(2, 2, (2, 3), (4, 6), 16)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_opcheck(device, backend):
+    inputs = make_inputs(2, 2, (2, 3), (4, 6), 16, device=device)
     torch.library.opcheck(torch.ops.fam_kernels.am_attention.default,
                           (*inputs, 0.7, 4, 6, 2, 3, 0.25, backend))
 

@@ -3,24 +3,28 @@ float64 eq. 4 oracle, properties, dtypes, strides, validation, dispatch, the
 torch.library registration. Triton: tests/test_lowpass_triton.py (interpreter)
 and tests/test_triton_aot_lowpass.py (sm_80 / sm_90 compile)."""
 
+import importlib
 import math
 import os
 
 import pytest
 import torch
+from devices import backends_on, device_backends
 from hypothesis import given
 from hypothesis import strategies as st
 from tolerance import assert_matches_oracle
 
 import fam_kernels
 from fam_kernels import _lowpass_basis as basis
-from fam_kernels import lowpass as lp
 from fam_kernels.dispatch import BackendNotSupportedError
 from fam_kernels.reference import fm_modulate, lowpass_blend_reference
 
+lp = importlib.import_module("fam_kernels.lowpass_blend")  # the module (fam_kernels.lowpass_blend is the op)
+
 # The extension must be there unless the install skipped it on purpose.
 EXTENSION_EXPECTED = not os.environ.get("FAM_KERNELS_SKIP_BUILD")
-BACKENDS = ["torch", "cpu"] if EXTENSION_EXPECTED else ["torch"]
+DEVICE_BACKENDS = device_backends(lp.DISPATCHER)
+BACKENDS = backends_on(lp.DISPATCHER, "cpu")  # CPU-only checks
 
 
 def _cpu_lowrank(z, zr, kh, kw, g):
@@ -42,8 +46,8 @@ def oracle(z, zr, cutoff, gain):
     return lowpass_blend_reference(z.double(), zr.double(), c, gain, precision=torch.float64)
 
 
-def pair_of(shape, dtype=torch.float32):
-    return torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+def pair_of(shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(shape).to(device, dtype), torch.randn(shape).to(device, dtype)
 
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 7, 9), (1, 2, 97, 130), (2, 2, 128, 128), (1, 2, 256, 192), (1, 3, 512, 512)]
@@ -62,10 +66,10 @@ def test_extension_loaded_when_expected():
         assert fam_kernels.extension_unavailable_reason() is not None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_backend_matches_oracle(backend, shape):
-    z, zr = pair_of(shape)
+def test_backend_matches_oracle(device, backend, shape):
+    z, zr = pair_of(shape, device=device)
     H, W = shape[-2:]
     cutoffs = edge_cutoffs(H, W) if H * W <= 128 * 128 else [(H / 4, W / 4), (H // 2 - 1, W // 2), 2 * max(H, W)]
     for cutoff in cutoffs:
@@ -109,9 +113,9 @@ def test_basis_is_orthonormal_and_folds():
             assert torch.allclose(b.full[1 : (n - 1) // 2 + 1, n_cos:], b.sin_folded)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_properties(backend):
-    z, zr = pair_of((2, 3, 24, 30))
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_properties(device, backend):
+    z, zr = pair_of((2, 3, 24, 30), device=device)
     for cutoff in (0, 7, (24, 30)):
         same = fam_kernels.lowpass_blend(z, zr, cutoff, 0.0, backend=backend)
         assert torch.equal(same, z) and same.data_ptr() != z.data_ptr()
@@ -127,20 +131,20 @@ def test_properties(backend):
     assert torch.allclose(two - z, 2 * (a - z) * 0.3 / 0.6, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("t", [0, 1, 300, 500, 999, 1000])
-def test_schedule_matches_fm_modulate(backend, t):
-    z, zt = pair_of((1, 4, 64, 48))
+def test_schedule_matches_fm_modulate(device, backend, t):
+    z, zt = pair_of((1, 4, 64, 48), device=device)
     cutoff, gain = fam_kernels.fm_schedule(t, 1000, 64, 48)
     out = fam_kernels.lowpass_blend(z, zt, cutoff, gain, backend=backend)
     want = fm_modulate(z.double(), zt.double(), t, 1000, precision=torch.float64)
     assert_matches_oracle(out, want, floor=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_inputs(backend):
-    z = torch.randn(2, 3, 40, 36).transpose(-1, -2)  # (2, 3, 36, 40), W stride != 1
-    zr = torch.randn(2, 6, 36, 80)[:, ::2, :, ::2]  # sliced: every stride differs from z's
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_non_contiguous_inputs(device, backend):
+    z = torch.randn(2, 3, 40, 36, device=device).transpose(-1, -2)  # (2, 3, 36, 40), W stride != 1
+    zr = torch.randn(2, 6, 36, 80, device=device)[:, ::2, :, ::2]  # sliced: every stride differs from z's
     assert not z.is_contiguous() and not zr.is_contiguous()
     for cutoff in (5, (9, 12), 30):
         out = fam_kernels.lowpass_blend(z, zr, cutoff, 0.5, backend=backend)
@@ -149,11 +153,11 @@ def test_non_contiguous_inputs(backend):
         assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cutoff", [(6, 9), (40, 36), 200])
-def test_low_precision_within_torch_error(backend, dtype, cutoff):
-    z, zr = pair_of((2, 2, 48, 40), dtype)
+def test_low_precision_within_torch_error(device, backend, dtype, cutoff):
+    z, zr = pair_of((2, 2, 48, 40), dtype, device)
     out = fam_kernels.lowpass_blend(z, zr, cutoff, 0.7, backend=backend)
     assert out.dtype == dtype
     want = oracle(z, zr, cutoff, 0.7)
@@ -162,14 +166,14 @@ def test_low_precision_within_torch_error(backend, dtype, cutoff):
     assert_matches_oracle(out, want, torch_same_dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_poisons_its_plane_only(backend):
-    z, zr = pair_of((2, 3, 20, 18))
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_nan_poisons_its_plane_only(device, backend):
+    z, zr = pair_of((2, 3, 20, 18), device=device)
     zr[1, 2, 5, 7] = float("nan")
     for cutoff in (3, (20, 18), 50):
         out = fam_kernels.lowpass_blend(z, zr, cutoff, 0.4, backend=backend)
         assert torch.isnan(out[1, 2]).all()
-        rest = torch.ones(2, 3, dtype=torch.bool)
+        rest = torch.ones(2, 3, dtype=torch.bool, device=device)
         rest[1, 2] = False
         assert torch.isfinite(out[rest]).all()
         assert_matches_oracle(out, oracle(z, zr, cutoff, 0.4), floor=1e-5)
@@ -191,7 +195,7 @@ def test_fuzz_against_oracle(h, w, planes, ch, cw, gain, backend):
 
 def test_default_backend_on_cpu():
     z, zr = pair_of((1, 1, 8, 8))
-    chosen = lp.DISPATCHER.select(None, "cpu", z=z, z_ref=zr)
+    chosen = lp.DISPATCHER.select(None, "cpu", z.dtype)
     assert chosen.name == ("cpu" if EXTENSION_EXPECTED else "torch")
 
 
@@ -219,11 +223,11 @@ def test_dispatch_errors_and_env(monkeypatch):
 
 
 def test_missing_extension_falls_back_to_torch(monkeypatch):
-    from fam_kernels import _backend_reasons
+    from fam_kernels import _ext
 
-    monkeypatch.setattr(_backend_reasons, "extension_unavailable_reason", lambda: "compiled extension not built (test)")
+    monkeypatch.setattr(_ext, "extension_unavailable_reason", lambda: "compiled extension not built (test)")
     z, zr = pair_of((1, 2, 16, 12))
-    assert lp.DISPATCHER.select(None, "cpu", z=z, z_ref=zr).name == "torch"
+    assert lp.DISPATCHER.select(None, "cpu", z.dtype).name == "torch"
     out = fam_kernels.lowpass_blend(z, zr, 5, 0.5)
     assert_matches_oracle(out, oracle(z, zr, 5, 0.5), floor=1e-5)
     with pytest.raises(BackendNotSupportedError, match="not built"):
@@ -247,11 +251,81 @@ def test_missing_extension_falls_back_to_torch(monkeypatch):
         ((torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8), 4, -0.1), ValueError, "gain"),
         ((torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8), 4, float("nan")), ValueError, "gain"),
         ((torch.randn(1, 1, 8, 8), [[1.0]], 4, 0.5), TypeError, "z_ref must be a torch.Tensor"),
+        ((torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8), True, 0.5), TypeError, "cutoff must be"),
+        ((torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8), (4, True), 0.5), TypeError, "cutoff must be"),
+        ((torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8), -float("inf"), 0.5), ValueError, "cutoff must be >= 0"),
+        # one rule for numbers everywhere: bools and numeric strings are refused like cutoff's
+        ((torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8), 4, "0.5"), TypeError, "gain must be a real number"),
+        ((torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8), 4, True), TypeError, "gain must be a real number"),
+        ((torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8), 4, float("inf")), ValueError, "gain must be in"),
     ],
 )
 def test_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         fam_kernels.lowpass_blend(*args)
+
+
+def test_backend_must_be_a_string():
+    z, zr = pair_of((1, 1, 8, 8))
+    with pytest.raises(TypeError, match=r"backend must be a string.*\['cpu'\]"):
+        fam_kernels.lowpass_blend(z, zr, 4, 0.5, backend=["cpu"])
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_infinite_cutoff_is_the_full_band(device, backend):
+    """inf passes validation and means 2|k| < inf: every frequency, as in the reference."""
+    z, zr = pair_of((2, 2, 9, 12), device=device)
+    for cutoff in (float("inf"), (float("inf"), 5), (4, float("inf"))):
+        out = fam_kernels.lowpass_blend(z, zr, cutoff, 0.6, backend=backend)
+        assert_matches_oracle(out, oracle(z, zr, cutoff, 0.6), floor=1e-5)
+    full = fam_kernels.lowpass_blend(z, zr, (9 + 2, 12 + 2), 0.6, backend=backend)
+    assert torch.equal(fam_kernels.lowpass_blend(z, zr, float("inf"), 0.6, backend=backend), full)
+
+
+def test_kept_bins_limit():
+    for n in (1, 2, 7, 8):
+        assert basis.kept_bins(n, float("inf")) == n // 2 + 1 == basis.kept_bins(n, n + 1)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(c=float("inf")), ValueError, "c must be finite"),
+    (dict(T=float("inf")), ValueError, "T .* must be finite"),
+    (dict(t=float("inf")), ValueError, "t must be in"),
+    (dict(c=True), TypeError, "c must be a real number"),
+    (dict(t="3"), TypeError, "t must be a real number"),
+    (dict(T="1000"), TypeError, "T .* must be a real number"),
+    (dict(height=True), ValueError, "height must be an int"),
+])
+def test_schedule_rejects_non_finite_and_non_numbers(kwargs, error, match):
+    args = dict(t=300, T=1000, height=64, width=48, c=0.5)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        fam_kernels.fm_schedule(args["t"], args["T"], args["height"], args["width"], args["c"])
+
+
+@pytest.mark.parametrize("shape,cutoff", [((2, 3, 20, 18), (7, 5)), ((1, 4, 33, 16), (40, 3)),
+                                          ((1, 1, 8, 8), 0)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_meta_models_the_cuda_default(shape, cutoff, dtype):
+    """Meta tensors: a contiguous output of z's shape and dtype, and the compiled CUDA
+    pipeline's buffers, visible to a dispatch-mode tracer."""
+    from test_am_attention import _traced_allocations
+
+    z = torch.empty(shape, device="meta", dtype=dtype).transpose(-1, -2).contiguous().transpose(-1, -2)
+    zr = torch.empty(shape, device="meta", dtype=dtype)
+    lp.lowpass_blend(z, zr, cutoff, 0.5)  # warm the per-device basis cache (allocated once, as on CUDA)
+    out, sizes = _traced_allocations(lambda: lp.lowpass_blend(z, zr, cutoff, 0.5))
+    assert out.device.type == "meta" and out.dtype == dtype and out.shape == shape and out.is_contiguous()
+    P, (H, W), e = shape[0] * shape[1], shape[-2:], torch.empty((), dtype=dtype).element_size()
+    c = cutoff if isinstance(cutoff, tuple) else (cutoff, cutoff)
+    kh, kw = basis.kept_bins(H, c[0]), basis.kept_bins(W, c[1])
+    if kh == 0 or kw == 0:
+        assert sizes == [P * H * W * e]  # the copy of z
+        return
+    rank_h, rank_w = basis.band_rank(H, kh), basis.band_rank(W, kw)
+    expected = [P * H * W * e, P * H * W * 4, P * H * rank_w * 4, P * H * rank_w * 4,
+                P * kh * rank_w * 4, P * (rank_h - kh) * rank_w * 4, P * H * rank_w * 4, P * H * rank_w * 4]
+    assert sizes == expected
 
 
 def test_mixed_devices_rejected():
@@ -260,9 +334,9 @@ def test_mixed_devices_rejected():
         fam_kernels.lowpass_blend(z, torch.empty(1, 1, 8, 8, device="meta"), 4, 0.5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    z, zr = pair_of((2, 2, 12, 10))
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_opcheck(device, backend):
+    z, zr = pair_of((2, 2, 12, 10), device=device)
     for cutoff_h, cutoff_w, gain in [(5.0, 3.0, 0.5), (0.0, 4.0, 0.5), (30.0, 30.0, 1.0)]:
         torch.library.opcheck(torch.ops.fam_kernels.lowpass_blend.default,
                               (z.requires_grad_(), zr.requires_grad_(), cutoff_h, cutoff_w, gain, backend))
@@ -277,9 +351,9 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(compiled(z, zr), step(z, zr), atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradients_are_the_transposed_lowpass(backend):
-    z, zr = pair_of((1, 2, 14, 11))
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_gradients_are_the_transposed_lowpass(device, backend):
+    z, zr = pair_of((1, 2, 14, 11), device=device)
     z.requires_grad_()
     zr.requires_grad_()
     out = fam_kernels.lowpass_blend(z, zr, (6, 5), 0.8, backend=backend)

@@ -1,6 +1,6 @@
 // lowpass_blend on the CPU: out = z + gain * LP(z_ref - z) per (B, C) plane.
 //
-// Two forms, chosen per call in fam_kernels/lowpass.py (whichever costs less):
+// Two forms, chosen per call in fam_kernels/lowpass_blend.py (whichever costs less):
 //  * lowpass_blend_lowrank: the difference is formed and folded in one pass, then
 //    four BLAS GEMMs with the folded band basis (half the work of the plain basis),
 //    then one pass that unfolds, scales, adds z and casts. The GEMM orchestration

@@ -1,4 +1,4 @@
-"""Triton forward kernel of Attention Modulation (math: :mod:`fam_kernels.am`).
+"""Triton forward kernel of Attention Modulation (math: :mod:`fam_kernels.am_attention`).
 
 One kernel, launched twice per call:
   1. native pass: attention(Q^n, K^n, AvgPool(V)) for every native query, written
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..am import AmGrid, avg_pool_tokens
+from .._am_grid import AmGrid, fused_forward
 from . import interpreting
 
 LOG2E = 1.4426950408889634
@@ -129,18 +129,16 @@ def _attention_pass(q, k, v, native, out, grid: AmGrid, lam: float, scale: float
     )
 
 
-def _unit_feature_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def am_attention_triton(q, k, v, q_lr, k_lr, lam: float, grid: AmGrid, scale: float) -> torch.Tensor:
-    q, k, v, q_lr, k_lr = (_unit_feature_stride(x) for x in (q, k, v, q_lr, k_lr))
-    B, heads, N, d = q.shape
-    native = torch.empty((B, heads, q_lr.shape[2], d), device=q.device, dtype=torch.float32)
-    _attention_pass(q_lr, k_lr, avg_pool_tokens(v, grid), native, native, grid, lam, scale, blend=False)
-    out = torch.empty_like(q)
-    _attention_pass(q, k, v, native, out, grid, lam, scale, blend=True)
-    return out
+    """Host code (allocations, layouts) shared with the meta model: fused_forward."""
+
+    def native_pass(q_lr, k_lr, v_pool, native):
+        _attention_pass(q_lr, k_lr, v_pool, native, native, grid, lam, scale, blend=False)
+
+    def high_res_pass(q, k, v, native, out):
+        _attention_pass(q, k, v, native, out, grid, lam, scale, blend=True)
+
+    return fused_forward(q, k, v, q_lr, k_lr, grid, native_pass, high_res_pass)
 
 
 def aot_signature(dtype: str, blend: bool):

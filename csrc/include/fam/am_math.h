@@ -1,6 +1,6 @@
 // Attention Modulation arithmetic shared by the CPU and CUDA kernels.
 //
-// AM (via the identity U(M^n) V = Up_q(M^n AvgPool(V)), see fam_kernels/am.py) computes, for each
+// AM (via the identity U(M^n) V = Up_q(M^n AvgPool(V)), see fam_kernels/am_attention.py) computes, for each
 // high-res query i with native parent p(i),
 //     out_i = (1 - lam) * softmax(s Q K^T)_i V  +  lam * softmax(s Q^n K^nT)_p(i) AvgPool(V)
 // Both terms are flash-style attentions (online softmax in base 2: scores are
