@@ -1,0 +1,15 @@
+"""``fam.plan``: peak device memory and FLOPs of a FAM call on real SDXL / SD 1.5 / SD 2.1
+at any size, traced on the meta device through the sampler's own code, for every option
+set; ``choose_options`` picks the fastest one within a memory budget.
+
+Modules: :mod:`.trace` (the counting dispatch mode and fused-attention mode),
+:mod:`.models` (modules from configs on meta), :mod:`.phases` (one trace per phase),
+:mod:`.options` (option sets, safety margin, time model), :mod:`.planner` (plan,
+choose_options), :mod:`.cli` (``fam plan``), :mod:`._sampler` (the sampler pieces used).
+"""
+
+from .options import DEFAULT, Options, offload_text_encoders, parse_bytes, required_memory
+from .planner import NothingFits, Plan, Row, choose_options, plan
+
+__all__ = ["DEFAULT", "NothingFits", "Options", "Plan", "Row", "choose_options", "offload_text_encoders",
+           "parse_bytes", "plan", "required_memory"]
