@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_generate_parser(subparsers)
     demo_commands.register(subparsers)
+    from .plan.cli import add_plan_parser  # fam plan (fam/plan/cli.py; imports torch only when run)
+
+    add_plan_parser(subparsers)
     return parser
 
 

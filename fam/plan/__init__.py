@@ -8,8 +8,17 @@ Modules: :mod:`.trace` (the counting dispatch mode and fused-attention mode),
 choose_options), :mod:`.cli` (``fam plan``), :mod:`._sampler` (the sampler pieces used).
 """
 
-from .options import DEFAULT, Options, offload_text_encoders, parse_bytes, required_memory
-from .planner import NothingFits, Plan, Row, choose_options, plan
-
 __all__ = ["DEFAULT", "NothingFits", "Options", "Plan", "Row", "choose_options", "offload_text_encoders",
            "parse_bytes", "plan", "required_memory"]
+
+_WHERE = {"DEFAULT": "options", "Options": "options", "offload_text_encoders": "options", "parse_bytes": "options",
+          "required_memory": "options", "NothingFits": "planner", "Plan": "planner", "Row": "planner",
+          "choose_options": "planner", "plan": "planner"}
+
+
+def __getattr__(name):  # lazy: `fam --help` must not import torch through fam.plan.cli
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 
@@ -85,7 +86,28 @@ def _text_encoder(folder: str, name: str, cls_name: str, dtype):
     return module.to(dtype).eval()
 
 
+@contextmanager
+def quiet() -> Iterator[None]:
+    """diffusers warns on every ``.to(dtype)`` of a model built from a config; mute it meanwhile."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    levels = [m.get_verbosity() for m in (diffusers_logging, transformers_logging)]
+    for m in (diffusers_logging, transformers_logging):
+        m.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for m, level in zip((diffusers_logging, transformers_logging), levels):
+            m.set_verbosity(level)
+
+
 def load_meta_pipeline(model: str, dtype: torch.dtype = torch.float16) -> MetaPipeline:
+    with quiet():
+        return _load_meta_pipeline(model, dtype)
+
+
+def _load_meta_pipeline(model: str, dtype: torch.dtype) -> MetaPipeline:
     """The pipeline of ``model`` with UNet, VAE and text encoders built on meta in ``dtype``;
     tokenizers are fam.testing's offline character tokenizer (token ids only feed shapes)."""
     from diffusers import (
@@ -145,6 +167,11 @@ def default_native_size(meta: MetaPipeline) -> Optional[int]:
 def meta_from_pipeline(pipe, dtype: Optional[torch.dtype] = None) -> MetaPipeline:
     """A meta copy of a loaded diffusers pipeline (or FAMPipeline): the same configs,
     no weights. ``dtype`` defaults to the pipeline UNet's."""
+    with quiet():
+        return _meta_from_pipeline(pipe, dtype)
+
+
+def _meta_from_pipeline(pipe, dtype: Optional[torch.dtype]) -> MetaPipeline:
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
     from ..testing import tiny_tokenizer

@@ -23,7 +23,7 @@ from typing import Dict, Tuple
 import torch
 
 from . import _sampler
-from .models import MetaPipeline
+from .models import MetaPipeline, quiet
 from .trace import Trace, attention_kernels
 
 META = torch.device("meta")
@@ -64,7 +64,7 @@ class Tracer:
     def _run(self, key: tuple, body) -> PhaseTrace:
         if key not in self._cache:
             start = time.perf_counter()
-            with torch.no_grad(), _sampler.am_attention_on_meta(), attention_kernels(self.attention), \
+            with quiet(), torch.no_grad(), _sampler.am_attention_on_meta(), attention_kernels(self.attention), \
                     Trace() as trace:
                 extra = body(trace) or {}
             self._cache[key] = PhaseTrace(name=key[0], peak=trace.peak - extra.pop("base", 0), flops=trace.flops,
@@ -182,9 +182,9 @@ class Tracer:
             from diffusers import AutoencoderKL
 
             vae = self.pipe.vae
-            with torch.device("meta"):
+            with quiet(), torch.device("meta"):
                 fixed = AutoencoderKL.from_config({**vae.config, "force_upcast": False})
-            self._fp16_fix_vae = fixed.to(vae.dtype).eval()
+                self._fp16_fix_vae = fixed.to(vae.dtype).eval()
         return self._fp16_fix_vae
 
     def needs_upcast(self) -> bool:
