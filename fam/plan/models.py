@@ -102,6 +102,17 @@ def quiet() -> Iterator[None]:
             m.set_verbosity(level)
 
 
+def _tokenizer(encoders):
+    """fam.testing's offline tokenizer padding to the text encoders' sequence length (token ids only feed shapes)."""
+    from ..testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    lengths = [m.config.max_position_embeddings for m in encoders.values()]
+    if lengths:
+        tokenizer.model_max_length = min(lengths)
+    return tokenizer
+
+
 def load_meta_pipeline(model: str, dtype: torch.dtype = torch.float16) -> MetaPipeline:
     with quiet():
         return _load_meta_pipeline(model, dtype)
@@ -117,8 +128,6 @@ def _load_meta_pipeline(model: str, dtype: torch.dtype) -> MetaPipeline:
         UNet2DConditionModel,
     )
     from diffusers import schedulers as diffusers_schedulers
-
-    from ..testing import tiny_tokenizer
 
     folder = model_folder(model)
     index = _read_json(os.path.join(folder, "model_index.json"))
@@ -136,12 +145,12 @@ def _load_meta_pipeline(model: str, dtype: torch.dtype) -> MetaPipeline:
     scheduler_entry = index.get("scheduler") or ["diffusers", "EulerDiscreteScheduler"]
     scheduler_cls = getattr(diffusers_schedulers, scheduler_entry[1])
     scheduler = scheduler_cls.from_config(scheduler_cls.load_config(os.path.join(folder, "scheduler")))
-    tokenizer = tiny_tokenizer()
     encoders = {}
     for name in TEXT_ENCODERS:
         entry = index.get(name)
         if entry and entry[1]:
             encoders[name] = _text_encoder(folder, name, entry[1], dtype)
+    tokenizer = _tokenizer(encoders)
     if pipeline_class == "StableDiffusionXLPipeline":
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders.get("text_encoder"),
                                          text_encoder_2=encoders.get("text_encoder_2"), tokenizer=tokenizer,
@@ -174,8 +183,6 @@ def meta_from_pipeline(pipe, dtype: Optional[torch.dtype] = None) -> MetaPipelin
 def _meta_from_pipeline(pipe, dtype: Optional[torch.dtype]) -> MetaPipeline:
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from ..testing import tiny_tokenizer
-
     inner = getattr(pipe, "pipe", pipe)
     dtype = dtype or inner.unet.dtype
     with torch.device("meta"):
@@ -186,7 +193,7 @@ def _meta_from_pipeline(pipe, dtype: Optional[torch.dtype]) -> MetaPipeline:
     unet, vae = unet.to(dtype).eval(), vae.to(dtype).eval()
     encoders = {name: module.to(dtype).eval() for name, module in encoders.items()}
     scheduler = inner.scheduler.__class__.from_config(inner.scheduler.config)
-    tokenizer = tiny_tokenizer()
+    tokenizer = _tokenizer(encoders)
     if isinstance(inner, StableDiffusionXLPipeline):
         meta = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders.get("text_encoder"),
                                          text_encoder_2=encoders.get("text_encoder_2"), tokenizer=tokenizer,
