@@ -115,7 +115,7 @@ def test_max_memory_picks_the_fastest_fitting_option_set(tiny_plan, tiny_tracer)
     smallest = tiny_plan.smallest
     budget = required_memory(smallest.peak_bytes) + 1
     chosen = choose_options(None, 64, 64, steps=4, dtype="fp16", max_memory=budget, tracer=tiny_tracer)
-    fitting = [r for r in tiny_plan.rows if r.required_bytes <= budget]
+    fitting = [r for r in tiny_plan.choosable if r.required_bytes <= budget]  # stock VAE only
     assert chosen == min(fitting, key=lambda r: (r.seconds, r.peak_bytes)).options
     with pytest.raises(NothingFits) as error:
         choose_options(None, 64, 64, steps=4, dtype="fp16", max_memory=budget - 2, tracer=tiny_tracer)
@@ -197,3 +197,10 @@ def test_cli_plan_errors_are_one_line_exit_2(capsys, argv, message):
     assert fam_main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("fam plan: error:") and message in err[-1]
+
+
+def test_fp16_fix_vae_is_chosen_only_when_allowed(tiny_plan, tiny_tracer):
+    assert any(r.options.vae_fp16_fix for r in tiny_plan.rows)
+    assert not any(r.options.vae_fp16_fix for r in tiny_plan.choosable)
+    allowed = plan(None, 64, 64, steps=4, dtype="fp16", tracer=tiny_tracer, allow_vae_fp16_fix=True)
+    assert allowed.smallest.peak_bytes <= tiny_plan.smallest.peak_bytes

@@ -24,6 +24,7 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--native-width", type=int, help="native width (default: the model's)")
     p.add_argument("--mode", default="fam", choices=MODES)
     p.add_argument("--steps", type=int, default=50, help="denoising steps per pass (default 50)")
+    p.add_argument("--images", type=int, default=1, help="images per call (num_images_per_prompt, default 1)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--attention", default="fused", choices=["fused", "math"],
                    help="fused: the GPU's flash/memory-efficient kernels (default); math: N x N scores")
@@ -31,6 +32,8 @@ def add_plan_parser(subparsers) -> None:
                                         "option set that fits with the safety margin, exit 2 if none does")
     p.add_argument("--tflops", type=float, help="effective TFLOP/s for the time ranking (default 50)")
     p.add_argument("--h2d-gbps", type=float, help="host<->device GB/s for the time ranking (default 12)")
+    p.add_argument("--allow-fp16-fix-vae", action="store_true",
+                   help="let --max-memory choose option sets that need the fp16-fix VAE (a different VAE)")
     p.add_argument("--all", action="store_true", help="list every option set, not only the Pareto front")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
@@ -51,6 +54,8 @@ def _checked(args):
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be a positive number of pixels")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: must be >= 1")
+    if args.images < 1:
+        raise ValueError(f"--images {args.images}: must be >= 1")
     budget = None
     if args.max_memory is not None:
         try:
@@ -62,8 +67,8 @@ def _checked(args):
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be > 0")
     return dict(height=args.height, width=args.width, native_height=args.native_height,
-                native_width=args.native_width, mode=args.mode, steps=args.steps, dtype=args.dtype,
-                attention=args.attention, max_memory=budget,
+                native_width=args.native_width, mode=args.mode, steps=args.steps, images=args.images, dtype=args.dtype,
+                attention=args.attention, max_memory=budget, allow_vae_fp16_fix=args.allow_fp16_fix_vae,
                 tflops=args.tflops or DEFAULT_TFLOPS, h2d_gbps=args.h2d_gbps or DEFAULT_H2D_GBPS)
 
 

@@ -50,12 +50,13 @@ class Tracer:
     """Traces the phases of one model; results cached by arguments."""
 
     def __init__(self, meta: MetaPipeline, *, attention: str = "fused", am_layers=None, am_lambda: float = 0.7,
-                 fm_c: float = 0.5, guidance_scale: float = 5.0):
+                 fm_c: float = 0.5, guidance_scale: float = 5.0, images: int = 1):
         self.meta, self.pipe = meta, meta.pipe
         self.attention = attention
         self.layers = _sampler.resolve_am_layers(self.pipe.unet, am_layers)
         self.am_lambda, self.fm_c, self.guidance_scale = am_lambda, fm_c, guidance_scale
         self.dtype = meta.dtype
+        self.images = images  # images per call (one prompt, num_images_per_prompt)
         self._cache: Dict[tuple, PhaseTrace] = {}
         self._fp16_fix_vae = None
         self._text_shapes = None
@@ -78,11 +79,12 @@ class Tracer:
     def _conditioning(self, copies: int):
         """Text conditioning for a UNet call on ``copies`` samples, shaped as the text phase returns it."""
         shapes = self.text_shapes()
-        embeds = self._empty(copies, *shapes["prompt_embeds"][1:])
+        rows = copies * self.images
+        embeds = self._empty(rows, *shapes["prompt_embeds"][1:])
         if not self.meta.is_sdxl:
             return embeds, None
-        pooled = self._empty(copies, *shapes["pooled_prompt_embeds"][1:])
-        return embeds, {"text_embeds": pooled, "time_ids": self._empty(copies, 6)}
+        pooled = self._empty(rows, *shapes["pooled_prompt_embeds"][1:])
+        return embeds, {"text_embeds": pooled, "time_ids": self._empty(rows, 6)}
 
     def _unet(self, latents: torch.Tensor, copies: int) -> torch.Tensor:
         """The UNet call of a diffusers pipeline step (CFG batched: ``copies`` = 2)."""
@@ -96,7 +98,7 @@ class Tracer:
         return {"none": [1], "batched": [2], "sequential": [1, 1]}[cfg]
 
     def _guided(self, outputs):
-        if len(outputs) == 1 and outputs[0].shape[0] == 1:
+        if len(outputs) == 1 and outputs[0].shape[0] == self.images:
             return outputs[0]
         uncond, cond = outputs if len(outputs) == 2 else outputs[0].chunk(2)
         return uncond + self.guidance_scale * (cond - uncond)
@@ -114,7 +116,7 @@ class Tracer:
         """``pipe.encode_prompt`` (diffusers' own), one prompt, default negative prompt."""
         def body(trace):
             with torch.no_grad():
-                out = self.pipe.encode_prompt(prompt="a photo", device=META, num_images_per_prompt=1,
+                out = self.pipe.encode_prompt(prompt="a photo", device=META, num_images_per_prompt=self.images,
                                               do_classifier_free_guidance=cfg != "none")
             names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                      "negative_pooled_prompt_embeds")
@@ -125,7 +127,7 @@ class Tracer:
         """One native denoising step; with ``capture`` the AM layer inputs are recorded
         and kept (the "cache" source), their bytes in ``cache_bytes``."""
         def body(trace):
-            latents = self._empty(1, self.pipe.unet.config.in_channels, *latent)
+            latents = self._empty(self.images, self.pipe.unet.config.in_channels, *latent)
             model_input = latents * 1.0  # scheduler.scale_model_input
             am = self._am_state(latent, latent)
             entries, outputs = [], []
@@ -149,9 +151,10 @@ class Tracer:
         is allocated first and counted."""
         def body(trace):
             channels = self.pipe.unet.config.in_channels
-            latents = self._empty(1, channels, *target_latent)
-            reference_x0, eps = self._empty(1, channels, *target_latent), self._empty(1, channels, *target_latent)
-            native_inputs = [self._empty(1, channels, *native_latent) for _ in range(steps)] if am else []
+            n = self.images
+            latents = self._empty(n, channels, *target_latent)
+            reference_x0, eps = self._empty(n, channels, *target_latent), self._empty(n, channels, *target_latent)
+            native_inputs = [self._empty(n, channels, *native_latent) for _ in range(steps)] if am else []
             if fm:
                 with trace.segment("fm"):
                     reference = reference_x0 * 0.5 + eps * 0.5  # scheduler.add_noise
@@ -198,7 +201,7 @@ class Tracer:
 
         def body(trace):
             base = trace.register(vae)
-            latents = self._empty(1, self.pipe.unet.config.out_channels, *latent)
+            latents = self._empty(self.images, self.pipe.unet.config.out_channels, *latent)
             # tiles of one shape are decoded identically: trace the first, replay the others
             # (diffusers' tile blending, a Python loop over rows, is replayed the same way)
             vae.decoder.forward = trace.replayed(vae.decoder.forward, _shape_key)

@@ -80,14 +80,21 @@ class Plan:
     chosen: Optional[Row] = None
     trace_seconds: float = 0.0
     assumptions: Dict[str, object] = field(default_factory=dict)
+    allow_vae_fp16_fix: bool = False  # choosing/smallest may use the fp16-fix VAE (other weights)
 
     @property
     def reported(self) -> Row:
         return self.chosen or self.default
 
     @property
+    def choosable(self) -> List[Row]:
+        """Rows a budget may choose from: those needing the fp16-fix VAE only when allowed
+        (it is a different VAE to download; its images differ slightly)."""
+        return [r for r in self.rows if self.allow_vae_fp16_fix or not r.options.vae_fp16_fix]
+
+    @property
     def smallest(self) -> Row:
-        return min(self.rows, key=lambda r: (r.peak_bytes, r.seconds))
+        return min(self.choosable, key=lambda r: (r.peak_bytes, r.seconds))
 
     def flop_ratio(self, row: Optional[Row] = None) -> float:
         return (row or self.reported).flops / self.direct_flops
@@ -226,16 +233,20 @@ def plan(model="sdxl", height: Optional[int] = None, width: Optional[int] = None
          native_height: Optional[int] = None, native_width: Optional[int] = None, mode: str = "fam",
          steps: int = 50, dtype: str = "fp16", attention: str = "fused", max_memory=None,
          tflops: float = DEFAULT_TFLOPS, h2d_gbps: float = DEFAULT_H2D_GBPS, am_layers=None,
-         options: Optional[List[Options]] = None, tracer: Optional[Tracer] = None) -> Plan:
+         images: int = 1, allow_vae_fp16_fix: bool = False, options: Optional[List[Options]] = None,
+         tracer: Optional[Tracer] = None) -> Plan:
     """Plan a FAM call of ``model`` (``sdxl``/``sd15``/``sd21``, a diffusers folder, a
     loaded pipeline or a :class:`MetaPipeline`) at ``height`` x ``width`` (default 2x the
     native size). ``max_memory`` (bytes or '8GB'): choose the fastest option set whose
-    peak plus the safety margin fits, or raise :class:`NothingFits`."""
+    peak plus the safety margin fits (with ``plan.chosen`` None if none does). Option sets
+    with the fp16-fix VAE are evaluated but chosen only with ``allow_vae_fp16_fix``."""
     import time
 
     from ..sizes import resolve_sizes
 
     mode_spec = _check_args(mode, steps, dtype, attention)
+    if not (isinstance(images, int) and not isinstance(images, bool) and images >= 1):
+        raise ValueError(f"images={images!r} must be an int >= 1")
     budget = None if max_memory is None else (parse_bytes(max_memory) if isinstance(max_memory, str)
                                               else int(max_memory))
     start = time.perf_counter()
@@ -253,7 +264,7 @@ def plan(model="sdxl", height: Optional[int] = None, width: Optional[int] = None
                           native_height=native_height or default_side, native_width=native_width or default_side,
                           vae_scale_factor=pipe.vae_scale_factor,
                           unet_downsampling=2 ** (len(pipe.unet.config.block_out_channels) - 1))
-    tracer = tracer or Tracer(meta, attention=attention, am_layers=am_layers,
+    tracer = tracer or Tracer(meta, attention=attention, am_layers=am_layers, images=images,
                               guidance_scale=5.0 if meta.is_sdxl else 7.5)
     evaluator = _Evaluator(tracer, meta, native_latent=sizes.native_latent, target_latent=sizes.target_latent,
                            native_px=sizes.native, target_px=sizes.target, steps=steps, mode=mode_spec,
@@ -288,11 +299,12 @@ def plan(model="sdxl", height: Optional[int] = None, width: Optional[int] = None
     result = Plan(model=meta.name, mode=mode, native=sizes.native, target=sizes.target, steps=steps, dtype=dtype,
                   attention=attention, weights={n: weight_bytes(m) for n, m in meta.components.items()},
                   phase_flops=phase_flops, direct_flops=direct_flops, rows=rows, default=default,
-                  am_cache_bytes=am_cache, max_memory=budget,
+                  am_cache_bytes=am_cache, max_memory=budget, allow_vae_fp16_fix=allow_vae_fp16_fix,
                   assumptions={"tflops": tflops, "h2d_gbps": h2d_gbps, "margin_fixed_bytes": MARGIN_FIXED_BYTES,
-                               "margin_fraction": MARGIN_FRACTION, "prompts": 1, "images_per_prompt": 1})
+                               "margin_fraction": MARGIN_FRACTION, "prompts": 1,
+                               "images_per_prompt": tracer.images})
     if budget is not None:
-        fitting = [r for r in rows if r.required_bytes <= budget]
+        fitting = [r for r in result.choosable if r.required_bytes <= budget]
         result.chosen = min(fitting, key=lambda r: (r.seconds, r.peak_bytes)) if fitting else None
     result.trace_seconds = time.perf_counter() - start
     return result
