@@ -76,7 +76,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["fam_kernels", "fam_kernels.*", "fam", "fam.*"]),
-    package_data={"fam": ["demo/model/**/*", "demo/model/*"]},
+    package_data={"fam": ["demo/model/**/*", "demo/model/*", "configs/*/*.json", "configs/*/*/*.json"]},
     include_package_data=True,
     install_requires=["torch>=2.4", "numpy", "pillow"],
     extras_require={
