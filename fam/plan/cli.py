@@ -76,16 +76,17 @@ def _gib(n: int) -> str:
     return f"{n / GIB:6.2f}"
 
 
-def _row_line(row, tag: str = "") -> str:
+def _row_line(row, tag: str = "", am: bool = True) -> str:
     phases = " ".join(_gib(row.phases[p]) if p in row.phases else "     -" for p in PHASE_COLUMNS)
     return (f"{_gib(row.peak_bytes)} {_gib(row.required_bytes)} {phases} {row.seconds:8.0f}  "
-            f"{row.options.label()}{tag}")
+            f"{row.options.label(am)}{tag}")
 
 
 def format_plan(result, show_all: bool = False) -> str:
     from .options import MARGIN_FIXED_BYTES, MARGIN_FRACTION, pareto
 
     lines = []
+    am = result.mode in ("fam", "am")
     (nh, nw), (th, tw) = result.native, result.target
     lines.append(f"fam plan: {result.model} mode {result.mode}, native {nh}x{nw} -> {th}x{tw}, {result.steps} steps, "
                  f"{result.dtype}, attention {result.attention} (traced on meta in {result.trace_seconds:.0f} s)")
@@ -100,16 +101,16 @@ def format_plan(result, show_all: bool = False) -> str:
         lines.append(f"AM cache (am_source cache): {result.am_cache_bytes / GIB:.2f} GiB for {result.steps} steps")
     lines.append("")
     lines.append("  peak   need   text native high_res decode dec_nat  time_s  option set  (GiB; need = peak + margin)")
-    lines.append(_row_line(result.default, "   <- default"))
+    lines.append(_row_line(result.default, "   <- default", am))
     if result.chosen is not None and result.chosen is not result.default:
-        lines.append(_row_line(result.chosen, "   <- chosen"))
+        lines.append(_row_line(result.chosen, "   <- chosen", am))
     if result.smallest not in (result.default, result.chosen):
-        lines.append(_row_line(result.smallest, "   <- smallest peak"))
+        lines.append(_row_line(result.smallest, "   <- smallest peak", am))
     lines.append("")
     listed = sorted(result.rows, key=lambda r: r.seconds) if show_all else pareto(result.rows)
     lines.append("all option sets, fastest first:" if show_all else
                  "Pareto front (no other option set is both faster and smaller), fastest first:")
-    lines.extend(_row_line(r) for r in listed)
+    lines.extend(_row_line(r, am=am) for r in listed)
     a = result.assumptions
     lines.append("")
     lines.append(f"peak = allocated bytes (torch.cuda.max_memory_allocated); need = peak x {1 + MARGIN_FRACTION:.2f} "
@@ -118,10 +119,11 @@ def format_plan(result, show_all: bool = False) -> str:
     if result.max_memory is not None:
         if result.chosen is None:
             s = result.smallest
-            lines.append(f"--max-memory {result.max_memory / GIB:.2f} GiB: nothing fits; smallest achievable peak "
-                         f"{s.peak_bytes / GIB:.2f} GiB (needs {s.required_bytes / GIB:.2f} GiB): {s.options.label()}")
+            lines.append(f"--max-memory {result.max_memory / GIB:.2f} GiB: nothing fits; smallest achievable "
+                         f"peak {s.peak_bytes / GIB:.2f} GiB (needs {s.required_bytes / GIB:.2f} GiB): "
+                         f"{s.options.label(am)}")
         else:
-            lines.append(f"--max-memory {result.max_memory / GIB:.2f} GiB: use {result.chosen.options.label()} "
+            lines.append(f"--max-memory {result.max_memory / GIB:.2f} GiB: use {result.chosen.options.label(am)} "
                          f"(peak {result.chosen.peak_bytes / GIB:.2f} GiB, needs "
                          f"{result.chosen.required_bytes / GIB:.2f} GiB)")
     return "\n".join(lines)

@@ -58,12 +58,13 @@ class Options:
     offload: str = "none"
     am_source: str = "recompute"
 
-    def label(self) -> str:
+    def label(self, am: bool = True) -> str:
         parts = [f"cfg={self.cfg}", f"vae={self.vae_tiling}{'+fp16fix' if self.vae_fp16_fix else ''}",
                  f"offload={self.offload}"]
         if self.offload == "none":
             parts.append(f"text_encoders={self.text_encoders}")
-        parts.append(f"am={self.am_source}")
+        if am:
+            parts.append(f"am={self.am_source}")
         return " ".join(parts)
 
     def as_dict(self) -> Dict[str, object]:

@@ -136,7 +136,7 @@ class Tracer:
                     if capture:
                         entries.append(am.begin_capture(stop=False))
                     outputs.append(self._unet(model_input, copies))
-                    am.phase = "off"  # keep the captured dict (the cache entry)
+                    am.off()  # rebinds the state's dict; the entry keeps the captured tensors
             noise = self._guided(outputs)
             latents = latents - 0.5 * noise  # scheduler.step
             sizes = [t.numel() * t.element_size() for e in entries for t in e.values()]
