@@ -78,7 +78,7 @@ setup(
     # fam_kernels (ops) and fam (sampler, CLI) are the library; fam_demo (the embedded model and its
     # commands) ships alongside and is imported by `fam demo` / `fam eval` only
     packages=find_packages(include=["fam_kernels", "fam_kernels.*", "fam", "fam.*", "fam_demo", "fam_demo.*"]),
-    package_data={"fam_demo": ["model/*", "model/**/*"]},
+    package_data={"fam_demo": ["model/*", "model/**/*"], "fam": ["configs/*/*.json", "configs/*/*/*.json"]},
     include_package_data=True,
     install_requires=["torch>=2.4", "numpy", "pillow"],
     extras_require={

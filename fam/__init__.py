@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'fam' has no attribute {name!r}")
+    importlib.import_module("fam_kernels")  # before torch: OpenMP's wait policy (fam_kernels/_threads.py)
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value

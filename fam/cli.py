@@ -229,6 +229,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
             except ImportError as error:
                 parser.exit(2, f"fam {name}: error: cannot import {module} ({error})\n")
             configure(sub)
+    from .plan.cli import add_plan_parser  # fam plan (fam/plan/cli.py; imports torch only when run)
+
+    add_plan_parser(subparsers)
     return parser
 
 
@@ -256,6 +259,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    import fam_kernels  # noqa: F401  (before torch: sets OpenMP's wait policy, fam_kernels/_threads.py)
+
     try:
         return int(args.func(args) or 0)
     except CLIError as error:

@@ -59,7 +59,14 @@ def test_cpu_kernels_use_torchs_thread_pool():
 
 
 def test_fam_cli_gets_the_policy():
-    """`fam generate` is where the collapse was seen: the CLI module must import
-    fam_kernels (or fam_kernels._threads) before anything imports torch."""
-    settings, _ = _openmp_settings("import fam.cli, torch; torch.ones(4).sum()")
+    """`fam generate` is where the collapse was seen: the CLI must import fam_kernels
+    before anything imports torch (help stays light: torch is not imported for it)."""
+    settings, out = _openmp_settings("import sys, fam.cli; rc = fam.cli.main(['plan', '--model', 'sdxl', '--height', "
+                                     "'17', '--width', '1024']); import torch; torch.ones(4).sum(); print(rc)")
+    assert out.splitlines()[-1] == "2"  # a one-line argument error, after the runtime set-up
+    assert settings["GOMP_SPINCOUNT"] == "0", "fam.cli imported torch before fam_kernels: see fam_kernels/_threads.py"
+
+
+def test_fam_library_gets_the_policy():
+    settings, _ = _openmp_settings("import fam; fam.FAMPipeline; import torch; torch.ones(4).sum()")
     assert settings["GOMP_SPINCOUNT"] == "0", "fam.cli imported torch before fam_kernels: see fam_kernels/_threads.py"
