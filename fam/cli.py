@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_generate_parser(subparsers)
+    from .batch import add_batch_parser  # fam batch: fam/batch.py
+
+    add_batch_parser(subparsers)
     demo_commands.register(subparsers)
     return parser
 
