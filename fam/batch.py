@@ -495,10 +495,10 @@ def run(options: Options) -> int:
 
 
 def _load(options: Options, ctx: distributed.Context):
-    from . import cli
-
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
+
+    from . import cli
 
     diffusers_logging.disable_progress_bar()  # one "loading" bar per rank is noise
     transformers_logging.disable_progress_bar()
