@@ -153,7 +153,7 @@ def test_a_bad_prompts_file_under_torchrun_is_one_line_before_loading(tmp_path):
     assert result.returncode != 0
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "fam batch" in line]
     assert errors == [f"fam batch: error: PROMPTS {bad} line 2: invalid JSON "
-                      "(Expecting property name enclosed in double quotes: line 1 column 30 (char 29))"]
+                      "(Expecting property name enclosed in double quotes: line 1 column 28 (char 27))"]
     assert not (tmp_path / "out").exists()
 
 
