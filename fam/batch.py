@@ -265,7 +265,7 @@ def is_done(path: str, expected: Dict[str, Any]) -> Optional[bool]:
     return isinstance(stored, dict) and {key: stored.get(key) for key in wanted} == wanted
 
 
-def generate(pipe, job: Job, device: str, am_cache_device: Optional[str]):
+def generate(pipe, job: Job, am_cache_device: Optional[str]):
     """The high-res PIL image of ``job`` (raises what the pipeline raises)."""
     import torch
 
@@ -368,7 +368,7 @@ def _job_loop(ctx, options: Options, folder: OutputFolder, run_id: str, dynamic:
                 "started": _now()}
         t0 = time.perf_counter()
         try:
-            image = generate(pipe, job, ctx.device, options.am_cache_device)
+            image = generate(pipe, job, options.am_cache_device)
             from .cli import save_png_atomically
 
             save_png_atomically(image, path, {**expected, "version": fam.__version__,
@@ -376,10 +376,11 @@ def _job_loop(ctx, options: Options, folder: OutputFolder, run_id: str, dynamic:
                                               "device": device_type})
         except Exception as error:  # the job fails, the batch goes on
             reason = " ".join(f"{type(error).__name__}: {error}".split())
-            record = {**base, "status": "failed", "error": reason, "seconds": round(time.perf_counter() - t0, 3)}
-            append_line(part, {**record, "finished": _now()})
+            record = {**base, "status": "failed", "error": reason, "seconds": round(time.perf_counter() - t0, 3),
+                      "finished": _now()}
+            append_line(part, record)
             result.failed += 1
-            result.records.append({**record, "finished": _now()})
+            result.records.append(record)
             result.failures.append(f"job {index} (line {job.line}): {reason}")
             _log(ctx, f"job {index} (line {job.line}) FAILED: {reason}")
             continue
@@ -407,11 +408,16 @@ def _merge_manifest(folder: OutputFolder, run_id: str, results: List[RankResult]
             if name.endswith(".jsonl"):
                 earlier += read_lines(os.path.join(run, name))
     current = sorted((r for result in results for r in result.records), key=lambda r: r["job"])
-    recorded = {r["job"] for r in old + earlier + current if r.get("status") == "done"}
+    keys = sorted(expected_metadata(jobs[0]))
+
+    def done_with(record):  # the job and the settings it was done with
+        return json.dumps([record.get(key) for key in keys])
+
+    recorded = {done_with(r) for r in old + earlier + current if r.get("status") == "done"}
     recovered = []
     for result in results:
         for index in result.skipped:
-            if index not in recorded:
+            if done_with(expected_metadata(jobs[index])) not in recorded:
                 job = jobs[index]
                 recovered.append({"job": index, "line": job.line, "output": job.name, **expected_metadata(job),
                                   "status": "done", "note": "found done on disk without a manifest line",
@@ -477,12 +483,12 @@ def run(options: Options) -> int:
             _log(ctx, f"{len(options.jobs)} jobs from {options.prompts} on {ctx.world_size} process(es), "
                       f"{'dynamic claiming' if shared else 'static split (output folder not shared)'}")
         result = _job_loop(ctx, options, folder, run_id, shared, pipe)
-        results = distributed.all_gather(ctx, result)
-        failed = sum(r.failed for r in results)
+        results = distributed.gather_to_main(ctx, result)
         if ctx.is_main:
             _merge_manifest(folder, run_id, results, options.jobs)
             print(summary(results, len(options.jobs), folder, shared), flush=True)
-        distributed.barrier(ctx)  # the merge has read every part file
+        # after the merge has read every part file; every rank exits with the same status
+        failed = distributed.broadcast_from_main(ctx, sum(r.failed for r in results) if ctx.is_main else None)
         if ctx.is_main:
             shutil.rmtree(folder.run_dir(run_id), ignore_errors=True)
         elif not shared:

@@ -208,6 +208,21 @@ def test_a_failed_job_is_recorded_and_the_batch_goes_on(tmp_path, capsys, monkey
     assert_clean(out)
 
 
+def test_a_job_can_upscale_an_input_image_relative_to_the_prompts_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (48, 48), "orange").save(tmp_path / "in" / "square.png")
+    path = tmp_path / "in" / "jobs.jsonl"
+    path.write_text(json.dumps({"prompt": PROMPTS[5], "image": "square.png"}) + "\n" +
+                    json.dumps({"prompt": PROMPTS[5], "image": "missing.png"}) + "\n")
+    out = str(tmp_path / "out")
+    assert cli.main(["batch", str(path), "--out", out, *FAST]) == 1
+    assert "failed: job 1 (line 2): FileNotFoundError" in capsys.readouterr().out
+    with Image.open(os.path.join(out, jobs.output_name(0, PROMPTS[5]))) as image:
+        assert image.size == (96, 96)  # 2x the input image's size
+        assert json.loads(image.text[cli.METADATA_KEY])["init_image"] == "square.png"  # as given
+
+
 def _write(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
@@ -308,3 +323,18 @@ def test_a_torn_manifest_line_is_dropped(tmp_path):
     with open(path, "a") as f:
         f.write('{"job": 1, "sta')
     assert batch.read_lines(path) == [{"job": 0}]
+
+
+def test_a_job_done_on_disk_without_a_manifest_line_gets_one(tmp_path):
+    planned = jobs.plan(_write(tmp_path, "p.txt", "a red star\na blue circle\n"), {"steps": 2}, base_seed=0)
+    folder = batch.OutputFolder(str(tmp_path / "out"))
+    os.makedirs(folder.run_dir("now"))
+    killed = os.path.join(folder.state, "run-killed")
+    os.makedirs(killed)
+    batch.append_line(os.path.join(killed, "rank-1.jsonl"), {"job": 1, "status": "done",
+                                                             **batch.expected_metadata(planned[1])})
+    result = batch.RankResult(0, "cpu", "host", skipped=[0, 1])  # both found done on disk
+    batch._merge_manifest(folder, "now", [result], planned)
+    records = manifest(folder.root)
+    assert [(r["job"], r["status"], "note" in r) for r in records] == [(1, "done", False), (0, "done", True)]
+    assert os.listdir(folder.state) == ["run-now"]  # the killed run's lines were merged, its folder removed
