@@ -1,6 +1,6 @@
 """`fam batch` throughput: images per minute with 1 and 2 processes on the embedded demo
-model (CPU), one torch thread per process, plus 1 process with 2 threads (the other way
-to use the same cores).
+model (CPU), one torch thread per process (``--with-2-threads`` adds 1 process with 2
+threads, the other way to use the same 2 cores).
 
 Each configuration runs the same PROMPTS file into a fresh folder as the user would run
 it (``python -m fam batch`` / ``torchrun --standalone --nproc-per-node 2 -m fam batch``).
@@ -9,7 +9,7 @@ the batch's own summary) and the end-to-end rate (images / the command's wall ti
 interpreter start, imports, rendezvous, model load included). Configurations are
 interleaved round by round so that outside load hits them alike; medians over rounds.
 
-    python -m benchmarks.bench_batch [--quick] [--rounds 3] [--jobs 12] [--steps 20] [--out DIR]
+    python -m benchmarks.bench_batch [--quick] [--rounds 3] [--jobs 12] [--steps 20] [--with-2-threads] [--out DIR]
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "local")
 CONFIGS = {  # name -> (processes, threads per process)
     "1 process x 1 thread": (1, 1),
     "2 processes x 1 thread (torchrun)": (2, 1),
-    "1 process x 2 threads": (1, 2),
 }
+TWO_THREADS = {"1 process x 2 threads": (1, 2)}
 _ALL = re.compile(r"^\s*all\s+(\d+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s*$", re.M)
 
 
@@ -70,6 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per pass (default 20)")
     parser.add_argument("--scale", default="2", help="FAM scale (default 2: 64 px native -> 128 px)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds, each runs every configuration (default 3)")
+    parser.add_argument("--with-2-threads", action="store_true", help="also 1 process x 2 threads")
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help="folder for batch.csv / batch.md (default benchmarks/results/local/)")
     args = parser.parse_args(argv)
@@ -77,15 +78,16 @@ def main(argv=None) -> None:
     steps = args.steps or (2 if args.quick else 20)
     rounds = args.rounds or (1 if args.quick else 3)
 
-    runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in CONFIGS}
+    configs = {**CONFIGS, **(TWO_THREADS if args.with_2_threads else {})}
+    runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory(prefix="fam_bench_batch_") as tmp:
         prompts_path = os.path.join(tmp, "prompts.txt")
         with open(prompts_path, "w") as f:
             f.write("\n".join(prompts(n_jobs)) + "\n")
         for r in range(rounds):
-            names = list(CONFIGS) if r % 2 == 0 else list(reversed(CONFIGS))  # alternate the order too
+            names = list(configs) if r % 2 == 0 else list(reversed(configs))  # alternate the order too
             for name in names:
-                processes, threads = CONFIGS[name]
+                processes, threads = configs[name]
                 out = os.path.join(tmp, f"round{r}-{processes}x{threads}")
                 measured = run_once(prompts_path, processes, threads, steps, args.scale, out)
                 runs[name].append(measured)

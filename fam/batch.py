@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import fcntl
 import json
 import os
 import re
@@ -176,6 +175,8 @@ class OutputFolder:
 
     def lock(self) -> None:
         """Rank 0 only: refuse a second batch writing to the same folder."""
+        import fcntl  # POSIX; imported here so that building the `fam` parser never needs it
+
         os.makedirs(self.state, exist_ok=True)
         self._lock = open(os.path.join(self.state, "lock"), "a")
         try:
