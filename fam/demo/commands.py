@@ -77,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg.guidance_scale = args.guidance
     cfg.save_images = args.save_images
     _threads(args.threads)
-    from ..distributed import init
+    from fam.distributed import init
 
     ctx = init("cpu")  # alone, or this rank's share under torchrun / accelerate launch (CPU: gloo)
     fp = load_fam_pipeline(path=args.model)

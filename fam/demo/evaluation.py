@@ -108,7 +108,7 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print,
     """Generate and measure every (prompt, seed, mode, scale), or with ``world_size`` > 1
     this rank's interleaved share of the (prompt, seed) pairs. Returns the samples and
     native-image statistics (``{"one_object_share": ..., "n": ..., "ones": ...}``)."""
-    from ..distributed import shard
+    from fam.distributed import shard
 
     if config.am_layers is not None:
         from ..attention import resolve_am_layers
@@ -306,7 +306,7 @@ def evaluate(config: EvalConfig, csv_path: Optional[str], md_path: Optional[str]
     ``ctx`` (a :class:`fam.distributed.Context`, e.g. under torchrun): each rank generates
     its share of the (prompt, seed) pairs; rank 0 gathers them and alone prints and writes
     the tables, identical to a single-process run's but for the timings (others return [])."""
-    from .. import distributed
+    from fam import distributed
 
     ctx = ctx or distributed.Context()
     fam_pipe = fam_pipe if fam_pipe is not None else load_fam_pipeline(path=model_path)
