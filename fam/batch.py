@@ -70,22 +70,29 @@ def _error_class():
 
 # ------------------------------------------------------------------------------ command line
 
+HELP = "generate one image per line of a prompts file, on one or many processes"
+
+
 def add_batch_parser(subparsers) -> None:
-    """``fam batch``: generate's options (taken from its parser) + PROMPTS, --out, --threads."""
+    """Register ``fam batch`` on the ``fam`` parser's subparsers."""
+    configure_batch(subparsers.add_parser("batch", help=HELP))
+
+
+def configure_batch(p: argparse.ArgumentParser) -> None:
+    """Fill in the ``fam batch`` parser: generate's options (taken from its parser) +
+    PROMPTS, --out, --threads."""
     from . import cli
 
     scratch = argparse.ArgumentParser(add_help=False).add_subparsers()
     cli.add_generate_parser(scratch)
     generate = scratch.choices["generate"]
-    p = subparsers.add_parser(
-        "batch", help="generate one image per line of a prompts file, on one or many processes",
-        description="Generate one FAM image per line of PROMPTS (text: one prompt per line; JSONL: one object per "
-                    "line with \"prompt\" and optionally negative_prompt, seed, scale, mode, steps, guidance, "
-                    "native_height, native_width, fm_c, am_lambda, am_source, upsample, cfg_sequential, vae_tiling, "
-                    "image). Job i is written to DIR/{i:06d}-{slug}.png with seed (its own or --seed + i). Run it "
-                    "alone, or under `torchrun --nproc-per-node N -m fam batch ...` / `accelerate launch -m fam "
-                    "batch ...`; re-running the same command skips the finished jobs. Exit status 1 when a job "
-                    "failed (see DIR/manifest.jsonl).")
+    p.description = ("Generate one FAM image per line of PROMPTS (text: one prompt per line; JSONL: one object per "
+                     "line with \"prompt\" and optionally negative_prompt, seed, scale, mode, steps, guidance, "
+                     "native_height, native_width, fm_c, am_lambda, am_source, upsample, cfg_sequential, vae_tiling, "
+                     "image). Job i is written to DIR/{i:06d}-{slug}.png with seed (its own or --seed + i). Run it "
+                     "alone, or under `torchrun --nproc-per-node N -m fam batch ...` / `accelerate launch -m fam "
+                     "batch ...`; re-running the same command skips the finished jobs. Exit status 1 when a job "
+                     "failed (see DIR/manifest.jsonl).")
     p.add_argument("prompts", metavar="PROMPTS", help="text file (one prompt per line) or JSONL file")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (PNGs, manifest.jsonl)")
     for action in generate._actions:
