@@ -109,15 +109,27 @@ def main(argv=None) -> None:
                      row("batch", name, "end_to_end_images_per_min", "images/min", x, statistics.median(e2e),
                          e2e[0], e2e[-1]),
                      row("batch", name, "wall", "s", x, statistics.median(wall), wall[0], wall[-1])]
+        # each run against the 1-process run of the same round: less sensitive to slow drifts of the outside load
+        paired = sorted(m["steady_ipm"] / b["steady_ipm"] for m, b in zip(measured, runs[next(iter(CONFIGS))]))
+        csv_rows.append(row("batch", name, "steady_vs_1_process_same_round", "x", x, statistics.median(paired),
+                            paired[0], paired[-1]))
         body.append([name, statistics.median(steady), f"{steady[0]:.1f}-{steady[-1]:.1f}",
-                     statistics.median(steady) / base, statistics.median(e2e), statistics.median(wall),
+                     statistics.median(steady) / base, f"{statistics.median(paired):.2f} ({paired[0]:.2f}-"
+                     f"{paired[-1]:.2f})", statistics.median(e2e), statistics.median(wall),
                      f"{min(loads):.1f}-{max(loads):.1f}"])
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "batch.csv"), csv_rows)
-    table = markdown_table(["configuration", "steady images/min (median)", "min-max", "x 1 process",
-                            "end-to-end images/min", "wall s", "load avg before runs"], body)
+    table = markdown_table(["configuration", "steady images/min (median)", "min-max", "x 1 process (medians)",
+                            "x 1 process, same round: median (min-max)", "end-to-end images/min", "wall s",
+                            "load avg before runs"], body)
+    rounds_table = markdown_table(["round"] + list(runs), [
+        [r + 1] + [f"{runs[name][r]['steady_ipm']:.1f} ({runs[name][r]['load_before']:.1f})" for name in runs]
+        for r in range(rounds)])
     text = (f"# `fam batch` throughput\n\n{x}; {rounds} rounds, configurations interleaved (order alternating), "
-            f"medians. Machine: {device}; {os.cpu_count()} logical CPUs.\n\n{table}\n")
+            f"medians. Machine: {device}; {os.cpu_count()} logical CPUs. Steady: images / the slowest rank's "
+            f"job-loop time; end to end: images / the command's wall time (start-up, rendezvous, model load "
+            f"included).\n\n{table}\n\nSteady images/min per round (load average before the run):\n\n"
+            f"{rounds_table}\n")
     from fam._io import atomic_open
 
     with atomic_open(os.path.join(args.out, "batch.md"), "w") as f:
