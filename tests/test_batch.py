@@ -338,3 +338,28 @@ def test_a_job_done_on_disk_without_a_manifest_line_gets_one(tmp_path):
     records = manifest(folder.root)
     assert [(r["job"], r["status"], "note" in r) for r in records] == [(1, "done", False), (0, "done", True)]
     assert os.listdir(folder.state) == ["run-now"]  # the killed run's lines were merged, its folder removed
+
+
+@pytest.mark.parametrize("dynamic, expected", [
+    (True, [0, 2, 4, 5, 3, 1]),  # rank 1 never shows up: rank 0 does its share, then rank 1's from the end
+    (False, [0, 2, 4]),  # static interleaving (output folder not shared): its share only
+])
+def test_a_rank_takes_over_a_stragglers_jobs_only_with_claims(tmp_path, monkeypatch, dynamic, expected):
+    import types
+
+    done = []
+
+    def fake_generate(pipe, job, am_cache_device):
+        done.append(job.index)
+        return Image.new("RGB", (4, 4))
+
+    monkeypatch.setattr(batch, "generate", fake_generate)
+    planned = jobs.plan(_write(tmp_path, "p.txt", "\n".join(PROMPTS) + "\n"), dict(batch.JOB_DEFAULTS), 0)
+    options = batch.Options("p.txt", str(tmp_path / "out"), planned, "m", None, None, None, False, None, None)
+    folder = batch.OutputFolder(options.out)
+    os.makedirs(os.path.join(folder.run_dir("r"), "claims"))
+    ctx = distributed.Context(rank=0, world_size=2)
+    result = batch._job_loop(ctx, options, folder, "r", dynamic, types.SimpleNamespace(scheduler=None))
+    assert done == expected and result.generated == len(expected)
+    assert sorted(pngs(options.out)) == sorted(j.name for j in planned if j.index in expected)
+    assert [r["job"] for r in batch.read_lines(folder.part("r", 0))] == expected
