@@ -65,6 +65,16 @@ def _free_port():
         return str(s.getsockname()[1])
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """In-process `fam batch --threads 1` sets torch's thread count: give it back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
