@@ -209,6 +209,7 @@ EXTERNAL_COMMANDS: Dict[str, Tuple[str, str]] = {
     "demo": ("fam_demo.commands:configure_demo",
              "generate native/2x/3x/4x/2x4 images with the embedded model and a contact sheet"),
     "eval": ("fam_demo.commands:configure_eval", "quality evaluation of the FAM ablation modes on the embedded model"),
+    "batch": ("fam.batch:configure_batch", "generate one image per line of a prompts file, on one or many processes"),
 }
 
 

@@ -77,6 +77,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg.guidance_scale = args.guidance
     cfg.save_images = args.save_images
     _threads(args.threads)
+    from fam.distributed import init
+
+    ctx = init("cpu")  # alone, or this rank's share under torchrun / accelerate launch (CPU: gloo)
     fp = load_fam_pipeline(path=args.model)
     if args.am_layers is not None:
         cfg.am_layers = args.am_layers.split(",")
@@ -86,7 +89,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise CLIError(f"--am-layers {args.am_layers!r}: {str(error).removeprefix('am_layers: ')}") from None
     csv_path = os.path.join(args.out, "quality.csv") if args.csv is None else args.csv
     md_path = os.path.join(args.out, "quality.md") if args.md is None else args.md
-    evaluate(cfg, csv_path or None, md_path or None, log=lambda m: print(m, flush=True), fam_pipe=fp)
+    try:
+        evaluate(cfg, csv_path or None, md_path or None, log=lambda m: print(m, flush=True), fam_pipe=fp, ctx=ctx)
+    finally:
+        ctx.close()
     return 0
 
 

@@ -106,9 +106,19 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
 
 
-def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print) -> Tuple[List[Sample], Dict]:
-    """Generate and measure every (prompt, seed, mode, scale). Returns the samples and
-    native-image statistics (``{"one_object_share": ..., "n": ...}``)."""
+def eval_units(config: EvalConfig) -> List[Tuple[str, int]]:
+    """The (prompt, seed) pairs in evaluation order: the unit of work of one process
+    (all modes and scales of a pair share its native image)."""
+    return [(prompt, seed) for prompt in config.prompts for seed in config.seeds]
+
+
+def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print,
+             rank: int = 0, world_size: int = 1) -> Tuple[List[Sample], Dict]:
+    """Generate and measure every (prompt, seed, mode, scale), or with ``world_size`` > 1
+    this rank's interleaved share of the (prompt, seed) pairs. Returns the samples and
+    native-image statistics (``{"one_object_share": ..., "n": ..., "ones": ...}``)."""
+    from fam.distributed import shard
+
     if config.am_layers is not None:
         from fam.attention import resolve_am_layers
 
@@ -116,12 +126,15 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print) -
     samples: List[Sample] = []
     natives: Dict[Tuple[str, int], np.ndarray] = {}
     modes = sorted(config.modes, key=lambda m: m == "direct")  # native-pass modes first
-    total, k = config.n_calls, 0
+    mine = set(shard(eval_units(config), rank, world_size))
+    total, k = len(mine) * len(config.modes) * len(config.scales), 0
     t_all = time.perf_counter()
     if config.save_images:
         os.makedirs(config.save_images, exist_ok=True)
     for prompt in config.prompts:
         for seed in config.seeds:
+            if (prompt, seed) not in mine:
+                continue
             for mode in modes:
                 for scale_name in config.scales:
                     k += 1
@@ -154,9 +167,21 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print) -
                         f"count={sample.count} psnr={p:.1f} ssim={s:.3f} detail={sample.detail:.2f} "
                         f"(eta {eta / 60:.1f} min)")
     native_counts = [count_objects(img) for img in natives.values()]
-    native_stats = {"one_object_share": float(np.mean([c == 1 for c in native_counts])) if native_counts else math.nan,
-                    "n": len(native_counts)}
-    return samples, native_stats
+    return samples, _native_stats(sum(c == 1 for c in native_counts), len(native_counts))
+
+
+def _native_stats(ones: int, n: int) -> Dict:
+    return {"one_object_share": ones / n if n else math.nan, "n": n, "ones": ones}
+
+
+def merge_shards(config: EvalConfig, shards: Sequence[Tuple[List[Sample], Dict]]) -> Tuple[List[Sample], Dict]:
+    """The per-rank results of :func:`run_eval` as one single-process run: the samples in
+    single-process order, the native statistics summed."""
+    unit = {pair: i for i, pair in enumerate(eval_units(config))}
+    modes = sorted(config.modes, key=lambda m: m == "direct")
+    samples = sorted((s for part, _ in shards for s in part),
+                     key=lambda s: (unit[(s.prompt, s.seed)], modes.index(s.mode), list(config.scales).index(s.scale)))
+    return samples, _native_stats(sum(stats["ones"] for _, stats in shards), sum(stats["n"] for _, stats in shards))
 
 
 @dataclass
@@ -282,13 +307,28 @@ def load_fam_pipeline(threads: Optional[int] = None, path: Optional[str] = None)
 
 
 def evaluate(config: EvalConfig, csv_path: Optional[str], md_path: Optional[str],
-             log: Callable[[str], None] = print, fam_pipe=None, model_path: Optional[str] = None) -> List[Row]:
-    """Run, print the table, write CSV + markdown. Returns the aggregated rows."""
+             log: Callable[[str], None] = print, fam_pipe=None, model_path: Optional[str] = None,
+             ctx=None) -> List[Row]:
+    """Run, print the table, write CSV + markdown. Returns the aggregated rows.
+
+    ``ctx`` (a :class:`fam.distributed.Context`, e.g. under torchrun): each rank generates
+    its share of the (prompt, seed) pairs; rank 0 gathers them and alone prints and writes
+    the tables, identical to a single-process run's but for the timings (others return [])."""
+    from fam import distributed
+
+    ctx = ctx or distributed.Context()
     fam_pipe = fam_pipe if fam_pipe is not None else load_fam_pipeline(path=model_path)
-    log(f"evaluating {config.n_calls} generations ({len(config.prompts)} prompts x {len(config.seeds)} seeds x "
-        f"{len(config.modes)} modes x {len(config.scales)} scales, {config.steps} steps)")
+    sharded = f", sharded over {ctx.world_size} processes" if ctx.world_size > 1 else ""
+    if ctx.is_main:
+        log(f"evaluating {config.n_calls} generations ({len(config.prompts)} prompts x {len(config.seeds)} seeds x "
+            f"{len(config.modes)} modes x {len(config.scales)} scales, {config.steps} steps{sharded})")
     t0 = time.perf_counter()
-    samples, native_stats = run_eval(fam_pipe, config, log)
+    part = run_eval(fam_pipe, config, (lambda m: log(f"[{ctx.tag}] {m}")) if ctx.world_size > 1 else log,
+                    rank=ctx.rank, world_size=ctx.world_size)
+    gathered = distributed.gather_to_main(ctx, part)
+    if not ctx.is_main:
+        return []
+    samples, native_stats = merge_shards(config, gathered)
     rows = aggregate(samples)
     log("")
     log(format_table(rows))
