@@ -70,7 +70,6 @@ def _error_class():
 
 # ------------------------------------------------------------------------------ command line
 
-HELP = "generate one image per line of a prompts file, on one or many processes"
 
 
 def configure_batch(p: argparse.ArgumentParser) -> None:
