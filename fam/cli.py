@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._io import save_png
+from .modes import AM_SOURCES, MODES, UPSAMPLE_MODES
 
 METADATA_KEY = "fam"
 PARAMETERS_KEY = "parameters"  # A1111's text chunk
@@ -197,11 +198,11 @@ FIELDS: Dict[str, Tuple[str, Callable]] = {  # settings key -> (its flag, its ch
     "steps": ("--steps", _int_at_least(1)),
     "guidance": ("--guidance", _finite(0, optional=True)),
     "seed": ("--seed", _int_at_least(0, 2 ** 64 - 1, optional=True)),
-    "mode": ("--mode", _choice(("fam", "fm", "am", "skip_residual", "direct_native", "direct"))),
-    "am_source": ("--am-source", _choice(("recompute", "cache", "diffused"), optional=True)),
+    "mode": ("--mode", _choice(tuple(MODES))),
+    "am_source": ("--am-source", _choice(AM_SOURCES, optional=True)),
     "fm_c": ("--fm-c", _finite(0)),
     "am_lambda": ("--am-lambda", _finite(0, 1)),
-    "upsample": ("--upsample", _choice(("bicubic", "bilinear", "nearest"))),
+    "upsample": ("--upsample", _choice(UPSAMPLE_MODES)),
     "cfg_sequential": ("--cfg-sequential", _flag),
     "vae_tiling": ("--vae-tiling", _choice(("auto", "on", "off"))),
     "dtype": ("--dtype", _choice(("float16", "bfloat16", "float32"), optional=True)),
@@ -252,8 +253,9 @@ def parse_scale(text: str):
     return factors[0] if len(factors) == 1 else factors
 
 
-def read_png_settings(path: str) -> Dict[str, Any]:
-    """The settings stored in a fam PNG, each field checked (one-line error naming the field)."""
+def read_png_settings(path: str, overridden: Sequence[str] = ()) -> Dict[str, Any]:
+    """The settings stored in a fam PNG, each field checked (one-line error naming the field)
+    but the ``overridden`` ones, which are left out."""
     from PIL import Image
 
     try:
@@ -270,7 +272,7 @@ def read_png_settings(path: str) -> Dict[str, Any]:
     if not isinstance(stored, dict):
         raise CLIError(f"--from-png {path}: the '{METADATA_KEY}' metadata is not a JSON object")
     return {key: _checked(key, stored[key], f"--from-png {path}: field {key!r} = {stored[key]!r}")
-            for key in DEFAULTS if key in stored}
+            for key in DEFAULTS if key in stored and key not in overridden}
 
 
 def save_png_atomically(image, path: str, metadata: Dict[str, Any], parameters: Optional[str] = None) -> None:
@@ -288,15 +290,14 @@ def _default_model_path() -> str:
 
 
 def _resolve_settings(args: argparse.Namespace) -> Settings:
-    stored = read_png_settings(args.from_png) if args.from_png else {}
+    given = [key for key in DEFAULTS if getattr(args, key) is not None]
+    stored = read_png_settings(args.from_png, overridden=given) if args.from_png else {}
     settings = Settings({**DEFAULTS, **stored}, args.from_png, stored)
-    for key in DEFAULTS:
+    for key in given:
         value = getattr(args, key)
-        if value is not None:
-            settings.from_png.discard(key)
-            if key == "lora":
-                value = [_checked(key, [spec], f"--lora {spec!r}")[0] for spec in value]
-            settings[key] = _checked(key, value, settings.where(key, value))
+        if key == "lora":
+            value = [_checked(key, [spec], f"--lora {spec!r}")[0] for spec in value]
+        settings[key] = _checked(key, value, settings.where(key, value))
     if not settings["prompt"]:
         raise CLIError("--prompt is required (or --from-png FILE with fam metadata)")
     if settings["model"] is None:
@@ -309,6 +310,10 @@ def _resolve_settings(args: argparse.Namespace) -> Settings:
     for key, other, flag in needs:
         if settings[key] is not None and settings[other] is None:
             raise CLIError(f"{settings.where(key)}: needs {flag}")
+    if settings["am_source"] is not None and not MODES[settings["mode"]].attention_modulation:
+        if "am_source" not in settings.from_png:
+            raise CLIError(f"{settings.where('am_source')}: mode {settings['mode']!r} has no attention modulation")
+        settings["am_source"] = None  # stored for another mode
     if settings["seed"] is None:
         settings["seed"] = random.SystemRandom().randrange(2 ** 32)
     return settings
@@ -550,8 +555,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import fam
 
-    from .modes import MODES
-
     # everything is checked before anything is loaded or written
     settings = _resolve_settings(args)
     factors = scale_factors(settings["scale"])
@@ -594,6 +597,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if settings["controlnet_scale"] is None:
             settings["controlnet_scale"] = _call_default(pipe, "controlnet_conditioning_scale")
         extra["controlnet_conditioning_scale"] = settings["controlnet_scale"]
+    if settings["guidance"] is None:
+        settings["guidance"] = float(_call_default(pipe, "guidance_scale"))
     seeds = [(settings["seed"] + i) % 2 ** 64 for i in range(count)]
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
     tiling = {"auto": None, "on": True, "off": False}[settings["vae_tiling"]]
@@ -616,9 +621,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings["native_height"], settings["native_width"] = (
         output.native_images[0].size[::-1] if output.native_images is not None
         else (height // factors[0], width // factors[-1]))
-    settings["guidance"] = float(pipe.guidance_scale)
-    if MODES[settings["mode"]].attention_modulation:
-        settings["am_source"] = getattr(output, "am_source", None) or settings["am_source"] or "recompute"
+    if MODES[settings["mode"]].attention_modulation:  # img2img's native trajectory is not kept: 'diffused'
+        settings["am_source"] = getattr(output, "am_source", None) or settings["am_source"] or (
+            "diffused" if "init_image" in images else "recompute")
     else:
         settings["am_source"] = None
     record = {**settings, "version": fam.__version__, "scheduler_class": type(pipe.scheduler).__name__,

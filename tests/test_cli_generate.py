@@ -1,0 +1,376 @@
+"""`fam generate`'s flags beyond text-to-image (issue 10 item 6), end to end on tiny
+pipelines saved to folders, offline: schedulers, img2img, ControlNet, LoRA, batches,
+threads, the default (demo) model, the A1111 chunk, and every check made before any
+work (paths, devices, numbers, --from-png fields)."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionXLPipeline
+from PIL import Image
+
+from fam import cli
+from fam.testing import tiny_sdxl_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_sdxl")
+    tiny_sdxl_pipeline().save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    """LoRA weights (PEFT, random A and B so that the scale matters) for the tiny SDXL UNet."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    path = tmp_path_factory.mktemp("lora")
+    unet = tiny_sdxl_pipeline().unet
+    torch.manual_seed(1)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    StableDiffusionXLPipeline.save_lora_weights(str(path), unet_lora_layers=get_peft_model_state_dict(unet))
+    return str(path / "pytorch_lora_weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory):
+    """ControlNetModel.from_unet of the tiny UNet (conditioning embedding /2 like its VAE), its
+    zero-initialised output convolutions made random so that the control image matters."""
+    path = tmp_path_factory.mktemp("controlnet")
+    controlnet = ControlNetModel.from_unet(tiny_sdxl_pipeline().unet, conditioning_embedding_out_channels=(4, 8))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.3)
+    controlnet.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Two 16x16 pictures (the tiny model's native size): a gradient and a checkerboard."""
+    path = tmp_path_factory.mktemp("pictures")
+    y, x = np.mgrid[0:16, 0:16]
+    gradient = np.stack([x * 16, y * 16, 255 - x * 8], -1).astype(np.uint8)
+    checker = (((x // 4 + y // 4) % 2) * 255).astype(np.uint8)[..., None].repeat(3, -1)
+    Image.fromarray(gradient).save(path / "gradient.png")
+    Image.fromarray(checker).save(path / "checker.png")
+    return str(path / "gradient.png"), str(path / "checker.png")
+
+
+def generate(model_dir, out, *flags):
+    return cli.main(["generate", "--model", model_dir, "--prompt", "a red cube", "--steps", "2", "--seed", "3",
+                     "--out", str(out), *flags])
+
+
+def metadata(path):
+    with Image.open(path) as image:
+        return json.loads(image.text[cli.METADATA_KEY])
+
+
+def parameters(path):
+    """The A1111 chunk as (prompt lines, {key: value}) parsed with A1111's own pattern."""
+    with Image.open(path) as image:
+        text = image.text[cli.PARAMETERS_KEY]
+    *lines, last = text.split("\n")
+    pattern = r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)'
+    return lines, {key: json.loads(value) if value.startswith('"') else value
+                   for key, value in re.findall(pattern, last)}
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("fam generate: error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+# ------------------------------------------------------------------------------ schedulers
+
+@pytest.mark.parametrize("name", [name for name in cli.SCHEDULERS if name != "lms"])  # lms needs scipy
+def test_every_scheduler_name_builds_from_the_model_config(name):
+    template = tiny_sdxl_pipeline().scheduler
+    class_name, overrides, _ = cli.SCHEDULERS[name]
+    scheduler = cli.build_scheduler(template, name, False, "trailing" if name != "dpm++2s" else None)
+    assert type(scheduler).__name__ == class_name
+    assert scheduler.config.beta_schedule == template.config.beta_schedule == "scaled_linear"  # from the model
+    assert all(scheduler.config[key] == value for key, value in overrides.items())
+    assert name == "dpm++2s" or scheduler.config.timestep_spacing == "trailing"
+    assert cli.build_scheduler(template, None, False, None) is template
+
+
+def test_scheduler_flags_karras_alias_metadata_and_rerun(model_dir, tmp_path):
+    karras = tmp_path / "karras.png"
+    assert generate(model_dir, karras, "--scheduler", "dpm++2m", "--karras", "--timestep-spacing", "trailing") == 0
+    record = metadata(karras)
+    assert (record["scheduler"], record["karras"], record["timestep_spacing"]) == ("dpm++2m", True, "trailing")
+    assert record["scheduler_class"] == "DPMSolverMultistepScheduler"
+    config = record["scheduler_config"]
+    assert (config["use_karras_sigmas"], config["timestep_spacing"], config["beta_schedule"]) == (
+        True, "trailing", "scaled_linear")
+    _, fields = parameters(karras)
+    assert (fields["Sampler"], fields["Schedule type"]) == ("DPM++ 2M", "Karras")
+
+    alias = tmp_path / "alias.png"
+    assert generate(model_dir, alias, "--scheduler", "dpm++2m_karras", "--timestep-spacing", "trailing") == 0
+    assert np.array_equal(pixels(alias), pixels(karras))
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--from-png", str(karras), "--out", str(again)]) == 0
+    assert np.array_equal(pixels(again), pixels(karras)) and metadata(again)["scheduler_config"] == config
+
+    euler_a = tmp_path / "euler_a.png"
+    assert generate(model_dir, euler_a, "--scheduler", "euler_a") == 0
+    assert metadata(euler_a)["scheduler_class"] == "EulerAncestralDiscreteScheduler"
+    assert parameters(euler_a)[1]["Sampler"] == "Euler a" and "Schedule type" not in parameters(euler_a)[1]
+    assert not np.array_equal(pixels(euler_a), pixels(karras))
+
+
+def test_karras_on_a_scheduler_without_it_is_refused_before_generation(model_dir, tmp_path, capsys):
+    assert generate(model_dir, tmp_path / "x.png", "--scheduler", "ddim", "--karras") == 2
+    assert "--karras: ddim has no Karras sigmas; use one of euler, dpm++2m" in one_line_error(capsys)
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ metadata
+
+def test_a1111_parameters_chunk_and_recorded_values(model_dir, tmp_path):
+    out, native = tmp_path / "out.png", tmp_path / "native.png"
+    assert cli.main(["generate", "--model", model_dir, "--prompt", "a red cube, on a table", "--negative-prompt",
+                     "blur", "--scale", "2x4", "--steps", "2", "--seed", "9", "--guidance", "4",
+                     "--out", str(out), "--native-out", str(native)]) == 0
+    lines, fields = parameters(out)
+    assert lines == ["a red cube, on a table", "Negative prompt: blur"]
+    assert {key: fields[key] for key in ("Steps", "Sampler", "CFG scale", "Seed", "Size", "Model", "FAM mode",
+                                         "FAM scale", "Native size")} == {
+        "Steps": "2", "Sampler": "Euler", "CFG scale": "4.0", "Seed": "9", "Size": "64x32",  # width x height
+        "Model": os.path.basename(model_dir), "FAM mode": "fam", "FAM scale": "2x4 (HxW)", "Native size": "16x16"}
+    assert parameters(native)[1]["Size"] == "16x16"
+    record = metadata(out)
+    # the values actually used: resolved am_source and native size, the model's scheduler and its config
+    assert (record["am_source"], record["native_height"], record["native_width"]) == ("recompute", 16, 16)
+    assert (record["scheduler"], record["scheduler_class"]) == (None, "EulerDiscreteScheduler")
+    assert record["scheduler_config"]["timestep_spacing"] == "leading"
+    assert metadata(native)["image"] == "native"
+
+
+def test_mode_without_attention_modulation_records_no_am_source(model_dir, tmp_path):
+    out = tmp_path / "fm.png"
+    assert generate(model_dir, out, "--mode", "fm", "--scale", "2x4") == 0
+    record = metadata(out)
+    assert (record["am_source"], record["native_height"], record["native_width"]) == (None, 16, 16)
+    direct = tmp_path / "direct.png"
+    assert generate(model_dir, direct, "--mode", "direct", "--scale", "2x4") == 0
+    assert (metadata(direct)["native_height"], metadata(direct)["native_width"]) == (16, 16)
+
+
+# ------------------------------------------------------------------------------ batches, threads, LoRA
+
+def test_num_images_files_seeds_and_rerun(model_dir, tmp_path):
+    out, native = tmp_path / "out.png", tmp_path / "nat.png"
+    assert generate(model_dir, out, "--num-images", "3", "--seed", "5", "--native-out", str(native)) == 0
+    assert sorted(os.listdir(tmp_path)) == ["nat-1.png", "nat-2.png", "nat.png", "out-1.png", "out-2.png", "out.png"]
+    batch = [pixels(tmp_path / name) for name in ("out.png", "out-1.png", "out-2.png")]
+    assert not np.array_equal(batch[0], batch[1]) and not np.array_equal(batch[1], batch[2])
+    assert [parameters(tmp_path / n)[1]["Seed"] for n in ("out.png", "out-1.png", "nat-2.png")] == ["5", "6", "7"]
+    assert [metadata(tmp_path / n)["index"] for n in ("out.png", "out-2.png")] == [0, 2]
+
+    single = tmp_path / "single" / "six.png"
+    single.parent.mkdir()
+    assert generate(model_dir, single, "--seed", "6") == 0  # image i of a batch is seed + i on its own
+    assert np.array_equal(pixels(single), batch[1])
+
+    rerun = tmp_path / "rerun" / "again.png"
+    rerun.parent.mkdir()
+    assert cli.main(["generate", "--from-png", str(tmp_path / "out-1.png"), "--out", str(rerun)]) == 0
+    assert sorted(os.listdir(rerun.parent)) == ["again-1.png", "again-2.png", "again.png"]
+    assert np.array_equal(pixels(rerun.parent / "again-2.png"), batch[2])
+
+
+def test_threads_are_set_before_loading(model_dir, tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise cli.CLIError("stop here")
+
+    monkeypatch.setattr(cli, "_load_pipeline", load)
+    previous = torch.get_num_threads()
+    try:
+        assert generate(model_dir, tmp_path / "x.png", "--threads", "2") == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [2] and one_line_error(capsys).endswith("stop here")
+
+
+def test_lora_scale_and_repeated_loras(model_dir, lora_file, tmp_path):
+    plain, zero, full, halves = (tmp_path / f"{name}.png" for name in ("plain", "zero", "full", "halves"))
+    assert generate(model_dir, plain) == 0
+    assert generate(model_dir, zero, "--lora", f"{lora_file}:0") == 0
+    assert generate(model_dir, full, "--lora", lora_file) == 0
+    assert generate(model_dir, halves, "--lora", f"{lora_file}:0.5", "--lora", f"{lora_file}:0.5") == 0
+    assert np.array_equal(pixels(zero), pixels(plain))  # scale 0: the LoRA adds nothing
+    assert np.abs(pixels(full) - pixels(plain)).max() > 20  # scale 1 changes the picture
+    assert np.abs(pixels(halves) - pixels(full)).max() <= 1  # two adapters at 0.5 each == one at 1
+    assert metadata(halves)["lora"] == [[lora_file, 0.5], [lora_file, 0.5]]
+    assert parameters(full)[1]["Lora"] == "pytorch_lora_weights.safetensors:1"
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--from-png", str(full), "--out", str(again)]) == 0
+    assert np.array_equal(pixels(again), pixels(full))
+
+
+def test_default_model_is_the_embedded_demo_model(tmp_path):
+    out = tmp_path / "demo.png"
+    assert cli.main(["generate", "--prompt", "a red circle", "--steps", "1", "--seed", "0", "--out", str(out)]) == 0
+    assert os.path.isfile(os.path.join(cli._default_model_path(), "model_index.json"))
+    assert metadata(out)["model"] == cli._default_model_path()
+    assert Image.open(out).size == (128, 128)  # the demo model's 64 px native size x 2
+
+
+# ------------------------------------------------------------------------------ checks before any work
+
+def _no_loading(monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(cli, "_load_pipeline", load)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--guidance", "nan"], "--guidance nan: must be a finite number >= 0"),
+    (["--guidance", "inf"], "--guidance inf: must be a finite number >= 0"),
+    (["--fm-c=-inf"], "--fm-c -inf: must be a finite number >= 0"),
+    (["--am-lambda", "nan"], "--am-lambda nan: must be a number in [0, 1]"),
+    (["--am-lambda", "1.5"], "--am-lambda 1.5: must be a number in [0, 1]"),
+    (["--steps", "0"], "--steps 0: must be an integer >= 1"),
+    (["--seed", "-1"], "--seed -1: must be an integer in [0, 18446744073709551615]"),
+    (["--num-images", "0"], "--num-images 0: must be an integer >= 1"),
+    (["--native-height", "0"], "--native-height 0: must be an integer >= 1"),
+    (["--scale", "2x0"], "--scale '2x0': expected N or HxW with factors >= 1"),
+    (["--scheduler", "bogus"], "--scheduler 'bogus': must be one of euler, euler_a, ddim"),
+    (["--timestep-spacing", "odd"], "--timestep-spacing 'odd': must be one of leading, linspace, trailing"),
+    (["--threads", "0"], "--threads 0: must be an integer >= 1"),
+    (["--strength", "0.5"], "--strength 0.5: needs --image"),
+    (["--controlnet-scale", "1"], "--controlnet-scale 1.0: needs --controlnet"),
+    (["--controlnet", "x/y"], "--controlnet 'x/y': needs --control-image"),
+    (["--lora", "a.safetensors:nan"], "--lora 'a.safetensors:nan': the LoRA scale must be a finite number"),
+    (["--lora", "./missing.safetensors:0.5"], "--lora './missing.safetensors:0.5': no such file or folder"),
+    (["--device", "nonsense"], "--device 'nonsense': not a device (cpu, cuda, cuda:N, mps, xpu)"),
+    (["--device", "cuda"], "--device 'cuda': cuda is not available on this machine"),
+    (["--device", "mps"], "--device 'mps': mps is not available on this machine"),
+    (["--am-cache-device", "gpu7"], "--am-cache-device 'gpu7': not a device"),
+    (["--am-cache-device", "cuda:0", "--am-source", "cache"], "--am-cache-device 'cuda:0': cuda is not available"),
+    (["--am-cache-device", "cpu"], "--am-cache-device 'cpu': needs --am-source cache"),
+    (["--am-source", "cache", "--mode", "fm"], "--am-source 'cache': mode 'fm' has no attention modulation"),
+    (["--cpu-offload", "--device", "cpu"], "--cpu-offload: needs an accelerator --device"),
+])
+def test_bad_flags_fail_in_one_line_before_loading(model_dir, tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    _no_loading(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert generate(model_dir, out / "x.png", *flags) == 2
+    assert message in one_line_error(capsys)
+    assert os.listdir(out) == []
+
+
+def test_paths_are_checked_before_loading(model_dir, pictures, tmp_path, monkeypatch, capsys):
+    _no_loading(monkeypatch)
+    text_file = tmp_path / "notes.png"
+    text_file.write_text("not a picture")
+    unwritable = tmp_path / "read-only"
+    unwritable.mkdir()
+    unwritable.chmod(0o500)
+    if os.geteuid() == 0:  # root writes anywhere a permission allows; sysfs refuses it
+        unwritable = "/sys"
+    cases = [
+        (["--out", str(tmp_path / "missing" / "x.png")], f"the folder {tmp_path / 'missing'} does not exist"),
+        (["--out", str(tmp_path)], f"--out {tmp_path}: is a folder"),
+        (["--out", os.path.join(unwritable, "x.png")], f"cannot write in {unwritable}"),
+        (["--out", str(tmp_path / "a.png"), "--native-out", str(tmp_path / "a.png")],
+         f"--native-out {tmp_path / 'a.png'}: the same file as --out {tmp_path / 'a.png'}"),
+        (["--out", str(tmp_path / "a.png"), "--native-out", str(tmp_path / "a-1.png"), "--num-images", "2"],
+         f"--native-out {tmp_path / 'a-1.png'}: the same file as --out {tmp_path / 'a-1.png'}"),
+        (["--image", str(tmp_path / "nope.png")], f"--image '{tmp_path / 'nope.png'}': no such file"),
+        (["--image", str(text_file)], f"--image '{text_file}': cannot read it as an image"),
+        (["--control-image", str(tmp_path / "nope.png"), "--controlnet", "x/y"], "--control-image '"),
+        (["--model", str(tmp_path / "no-model")], f"--model '{tmp_path / 'no-model'}': no such file or folder"),
+        (["--image", pictures[0], "--lora", str(tmp_path / "no.safetensors")], "no such file or folder"),
+    ]
+    before = sorted(os.listdir(tmp_path))
+    for flags, message in cases:
+        argv = ["generate", "--model", model_dir, "--prompt", "p", "--out", str(tmp_path / "ok.png"), *flags]
+        assert cli.main(argv) == 2, flags
+        assert message in one_line_error(capsys), flags
+        assert sorted(os.listdir(tmp_path)) == before
+
+
+def _fam_png(path, **fields):
+    record = {"model": "x/y", "prompt": "p", "steps": 2, "seed": 1, **fields}
+    cli.save_png_atomically(Image.new("RGB", (4, 4)), str(path), record)
+    return str(path)
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("steps", "2", "must be an integer >= 1"),
+    ("steps", True, "must be an integer >= 1"),
+    ("steps", 0, "must be an integer >= 1"),
+    ("guidance", float("nan"), "must be a finite number >= 0"),
+    ("fm_c", -1, "must be a finite number >= 0"),
+    ("am_lambda", 2, "must be a number in [0, 1]"),
+    ("mode", "bogus", "must be one of fam, fm, am"),
+    ("scale", "2y", "expected N or HxW"),
+    ("seed", -5, "must be an integer in [0, "),
+    ("prompt", 5, "must be a non-empty string"),
+    ("cfg_sequential", "yes", "must be true or false"),
+    ("scheduler", "bogus", "must be one of euler"),
+    ("lora", [["a.safetensors", "x"]], "the LoRA scale must be a finite number"),
+    ("lora", "a.safetensors", "expected a list of [PATH, SCALE]"),
+    ("num_images", 0, "must be an integer >= 1"),
+    ("strength", 1.5, "must be a number in (0, 1]"),
+])
+def test_from_png_fields_are_checked_one_by_one(tmp_path, monkeypatch, capsys, field, value, reason):
+    _no_loading(monkeypatch)
+    png = _fam_png(tmp_path / "in.png", **{field: value})
+    assert cli.main(["generate", "--from-png", png, "--out", str(tmp_path / "x.png")]) == 2
+    assert one_line_error(capsys).startswith(f"fam generate: error: --from-png {png}: field {field!r} = {value!r}: "
+                                             f"{reason}")
+    assert sorted(os.listdir(tmp_path)) == ["in.png"]
+
+
+def test_from_png_checks_its_files_and_bad_json(tmp_path, monkeypatch, capsys):
+    _no_loading(monkeypatch)
+    png = _fam_png(tmp_path / "in.png", init_image=str(tmp_path / "gone.png"))
+    assert cli.main(["generate", "--from-png", png, "--out", str(tmp_path / "x.png")]) == 2
+    assert one_line_error(capsys).endswith(f"--from-png {png}: field 'init_image' = '{tmp_path / 'gone.png'}': "
+                                           f"no such file")
+    from PIL.PngImagePlugin import PngInfo
+
+    for text, message in [("{not json", "is not JSON"), ("[1, 2]", "is not a JSON object")]:
+        info = PngInfo()
+        info.add_text(cli.METADATA_KEY, text)
+        Image.new("RGB", (4, 4)).save(tmp_path / "bad.png", pnginfo=info)
+        assert cli.main(["generate", "--from-png", str(tmp_path / "bad.png"), "--out", str(tmp_path / "x.png")]) == 2
+        assert message in one_line_error(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["bad.png", "in.png"]
+
+
+def test_from_png_flags_override_fields_and_errors_name_the_source(tmp_path, monkeypatch, capsys):
+    _no_loading(monkeypatch)
+    png = _fam_png(tmp_path / "in.png", fm_c=float("inf"))
+    # a flag replaces the bad stored field: the next check (the model) is reached
+    assert cli.main(["generate", "--from-png", png, "--fm-c", "0.3", "--model", str(tmp_path / "m"),
+                     "--out", str(tmp_path / "x.png")]) == 2
+    assert f"--model '{tmp_path / 'm'}': no such file or folder" in one_line_error(capsys)
