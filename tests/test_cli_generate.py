@@ -49,7 +49,8 @@ def controlnet_dir(tmp_path_factory):
     controlnet = ControlNetModel.from_unet(tiny_sdxl_pipeline().unet, conditioning_embedding_out_channels=(4, 8))
     torch.manual_seed(2)
     with torch.no_grad():
-        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                     controlnet.controlnet_cond_embedding.conv_out]:
             conv.weight.normal_(0, 0.3)
     controlnet.save_pretrained(str(path))
     return str(path)
@@ -374,3 +375,65 @@ def test_from_png_flags_override_fields_and_errors_name_the_source(tmp_path, mon
     assert cli.main(["generate", "--from-png", png, "--fm-c", "0.3", "--model", str(tmp_path / "m"),
                      "--out", str(tmp_path / "x.png")]) == 2
     assert f"--model '{tmp_path / 'm'}': no such file or folder" in one_line_error(capsys)
+
+
+# ------------------------------------------------------------------------------ through the sampler's pipelines
+# These need FAMPipeline to wrap img2img / ControlNet pipelines, forward their arguments
+# and label its progress bars (the sampler work of issue 10 items 1-2).
+
+def test_progress_bars_are_labelled_with_pass_and_size(model_dir, tmp_path, capsys):
+    assert generate(model_dir, tmp_path / "x.png", "--scale", "2x4") == 0
+    err = capsys.readouterr().err
+    assert "native 16x16" in err and "high-res 32x64" in err  # height x width
+
+
+def test_img2img_image_and_strength(model_dir, pictures, tmp_path):
+    gradient, checker = pictures
+    out, native = tmp_path / "half.png", tmp_path / "half-native.png"
+    assert generate(model_dir, out, "--image", gradient, "--strength", "0.5", "--steps", "4", "--scale", "2x4",
+                    "--native-out", str(native)) == 0
+    assert Image.open(out).size == (64, 32) and Image.open(native).size == (16, 16)
+    record = metadata(out)
+    assert (record["init_image"], record["strength"], record["am_source"]) == (gradient, 0.5, "diffused")
+    assert parameters(out)[1]["Denoising strength"] == "0.5"
+
+    strong, other_picture = tmp_path / "strong.png", tmp_path / "checker.png"
+    assert generate(model_dir, strong, "--image", gradient, "--strength", "0.9", "--steps", "4", "--scale", "2x4") == 0
+    assert generate(model_dir, other_picture, "--image", checker, "--strength", "0.5", "--steps", "4",
+                    "--scale", "2x4") == 0
+    assert not np.array_equal(pixels(strong), pixels(out)) and not np.array_equal(pixels(other_picture), pixels(out))
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--from-png", str(out), "--out", str(again)]) == 0
+    assert np.array_equal(pixels(again), pixels(out))
+
+    default = tmp_path / "default.png"
+    assert generate(model_dir, default, "--image", gradient, "--steps", "4") == 0
+    assert metadata(default)["strength"] == 0.3  # StableDiffusionXLImg2ImgPipeline's default, recorded
+
+
+def test_controlnet_control_image(model_dir, controlnet_dir, pictures, tmp_path):
+    gradient, checker = pictures
+    out = tmp_path / "checker.png"
+    assert generate(model_dir, out, "--controlnet", controlnet_dir, "--control-image", checker, "--scale", "2x4") == 0
+    assert Image.open(out).size == (64, 32)
+    record = metadata(out)
+    assert (record["controlnet"], record["control_image"], record["controlnet_scale"]) == (
+        controlnet_dir, checker, 1.0)
+    assert parameters(out)[1]["ControlNet weight"] == "1.0"
+    other = tmp_path / "gradient.png"
+    assert generate(model_dir, other, "--controlnet", controlnet_dir, "--control-image", gradient,
+                    "--scale", "2x4") == 0
+    assert not np.array_equal(pixels(other), pixels(out))  # the control image steers the picture
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--from-png", str(out), "--out", str(again)]) == 0
+    assert np.array_equal(pixels(again), pixels(out))
+
+
+def test_controlnet_with_img2img(model_dir, controlnet_dir, pictures, tmp_path):
+    gradient, checker = pictures
+    out = tmp_path / "out.png"
+    assert generate(model_dir, out, "--image", gradient, "--strength", "0.6", "--steps", "4", "--controlnet",
+                    controlnet_dir, "--control-image", checker, "--controlnet-scale", "0.8", "--mode", "fm") == 0
+    assert Image.open(out).size == (32, 32)
+    record = metadata(out)
+    assert (record["init_image"], record["control_image"], record["controlnet_scale"]) == (gradient, checker, 0.8)
