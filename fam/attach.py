@@ -453,6 +453,9 @@ def check_number(name: str, value, *, low: Optional[float] = None, high: Optiona
     valid = isinstance(value, kind) and not isinstance(value, bool) and not math.isnan(value)
     valid = valid and (low is None or value >= low) and (high is None or value <= high)
     if not valid:
-        bounds = ("an int" if integer else "a number") + (f" >= {low}" if low is not None else "") + \
-            (f" <= {high}" if high is not None else "")
+        what = "an int" if integer else "a number"
+        if low is not None and high is not None:
+            bounds = f"{what} in [{low:g}, {high:g}]"
+        else:
+            bounds = what + (f" >= {low:g}" if low is not None else "") + (f" <= {high:g}" if high is not None else "")
         raise ValueError(f"{name}={value!r} must be {bounds}")
