@@ -3,6 +3,7 @@ pipelines saved to folders, offline: schedulers, img2img, ControlNet, LoRA, batc
 threads, the default (demo) model, the A1111 chunk, and every check made before any
 work (paths, devices, numbers, --from-png fields)."""
 
+import importlib.util
 import json
 import os
 import re
@@ -111,6 +112,21 @@ def test_every_scheduler_name_builds_from_the_model_config(name):
     assert all(scheduler.config[key] == value for key, value in overrides.items())
     assert name == "dpm++2s" or scheduler.config.timestep_spacing == "trailing"
     assert cli.build_scheduler(template, None, False, None) is template
+
+
+@pytest.mark.parametrize("name", list(cli.SCHEDULERS))
+def test_every_scheduler_runs_end_to_end(model_dir, tmp_path, capsys, name):
+    out = tmp_path / "out.png"
+    if name == "lms" and importlib.util.find_spec("scipy") is None:  # diffusers' LMS needs scipy
+        assert generate(model_dir, out, "--scheduler", name, "--steps", "3") == 2
+        assert "--scheduler lms: ImportError: LMSDiscreteScheduler requires the scipy library" in \
+            one_line_error(capsys)
+        assert not out.exists()
+        return
+    assert generate(model_dir, out, "--scheduler", name, "--steps", "3") == 0
+    assert metadata(out)["scheduler_class"] == cli.SCHEDULERS[name][0]
+    assert parameters(out)[1]["Sampler"] == cli.SCHEDULERS[name][2]
+    assert pixels(out).std() > 0
 
 
 def test_scheduler_flags_karras_alias_metadata_and_rerun(model_dir, tmp_path):
