@@ -727,6 +727,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CLIError as error:
         print(f"fam {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # files are written atomically: nothing half-written is left
+        print(f"\nfam {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -303,6 +303,24 @@ def test_bad_flags_fail_in_one_line_before_loading(model_dir, tmp_path, monkeypa
     assert os.listdir(out) == []
 
 
+def test_device_index_beyond_the_machine_is_refused(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _no_loading(monkeypatch)
+    assert generate(model_dir, tmp_path / "x.png", "--device", "cuda:1") == 2
+    assert one_line_error(capsys).endswith("--device 'cuda:1': this machine has 1 cuda device(s)")
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_file(model_dir, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_pipeline", interrupted)
+    assert generate(model_dir, tmp_path / "x.png") == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "fam generate: interrupted"
+    assert os.listdir(tmp_path) == []
+
+
 def test_paths_are_checked_before_loading(model_dir, pictures, tmp_path, monkeypatch, capsys):
     _no_loading(monkeypatch)
     text_file = tmp_path / "notes.png"
