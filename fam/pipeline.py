@@ -72,6 +72,17 @@ def image_size(image) -> Tuple[int, int]:
                      f"{type(image).__name__}")
 
 
+def resize_images(processor, image, size):
+    """``image`` (or each of a list) resized to (height, width), in the form and value range it came in."""
+    if isinstance(image, (list, tuple)):
+        return [resize_images(processor, item, size) for item in image]
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        return processor.resize(image[None], size[0], size[1])[0]
+    if torch.is_tensor(image) and image.ndim == 3:
+        return processor.resize(image[None], size[0], size[1])[0]
+    return processor.resize(image, size[0], size[1])
+
+
 class FAMPipeline:
     """Wraps a diffusers SD/SDXL pipeline; see ``__call__``."""
 
@@ -422,8 +433,7 @@ class FAMPipeline:
         if "height" in params:
             native["height"], native["width"] = sizes.native
         elif init_image is not None:  # img2img without height/width: the init image at the native size
-            native["image"] = self.pipe.image_processor.preprocess(init_image, height=sizes.native[0],
-                                                                  width=sizes.native[1])
+            native["image"] = resize_images(self.pipe.image_processor, init_image, sizes.native)
         return native
 
     def _high_res_kwargs(self, common, sizes: Sizes, mode: Mode):
