@@ -550,14 +550,11 @@ def a1111_parameters(record: Dict[str, Any], seed: int, size_hw: Sequence[int]) 
 
 # ------------------------------------------------------------------------------ fam generate
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _check_before_work(args: argparse.Namespace, settings: Settings):
+    """Devices, output files, input pictures and model sources, before anything is loaded:
+    returns the device and the input pictures ({"init_image": PIL, "control_image": PIL})."""
     import torch
 
-    import fam
-
-    # everything is checked before anything is loaded or written
-    settings = _resolve_settings(args)
-    factors = scale_factors(settings["scale"])
     device = str(check_device("--device", args.device)) if args.device else (
         "cuda" if torch.cuda.is_available() else "cpu")
     if args.am_cache_device is not None:
@@ -568,40 +565,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CLIError("--cpu-offload: needs an accelerator --device (e.g. cuda)")
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads {args.threads}: must be an integer >= 1")
-    count = settings["num_images"]
-    outputs = [("--out", numbered(args.out, i)) for i in range(count)]
+    outputs = [("--out", numbered(args.out, i)) for i in range(settings["num_images"])]
     if args.native_out:
-        outputs += [("--native-out", numbered(args.native_out, i)) for i in range(count)]
+        outputs += [("--native-out", numbered(args.native_out, i)) for i in range(settings["num_images"])]
     check_outputs(outputs)
-    images = {key: load_image(settings.where(key), settings[key])
-              for key in ("init_image", "control_image") if settings[key] is not None}
+    pictures = {key: load_image(settings.where(key), settings[key])
+                for key in ("init_image", "control_image") if settings[key] is not None}
     check_source(settings.where("model"), settings["model"])
     for lora in settings["lora"]:
         check_source(settings.where("lora", lora), lora[0])
     if settings["controlnet"] is not None:
         check_source(settings.where("controlnet"), settings["controlnet"])
+    return device, pictures
+
+
+def _pipe_arguments(pipe, settings: Settings, pictures) -> Dict[str, Any]:
+    """The wrapped pipeline's own arguments (img2img, ControlNet); the defaults it would use
+    for those not given are filled into ``settings`` so that the PNG records them."""
+    arguments: Dict[str, Any] = {}
+    if "init_image" in pictures:
+        if settings["strength"] is None:
+            settings["strength"] = _call_default(pipe, "strength")
+        arguments.update(image=pictures["init_image"], strength=settings["strength"])
+    if "control_image" in pictures:  # the ControlNet text-to-image pipelines call it `image`
+        arguments["control_image" if "init_image" in pictures else "image"] = pictures["control_image"]
+        if settings["controlnet_scale"] is None:
+            settings["controlnet_scale"] = _call_default(pipe, "controlnet_conditioning_scale")
+        arguments["controlnet_conditioning_scale"] = settings["controlnet_scale"]
+    if settings["guidance"] is None:
+        default = _call_default(pipe, "guidance_scale")
+        settings["guidance"] = None if default is None else float(default)
+    return arguments
+
+
+def _record_resolved(settings: Settings, output, factors, started_from_image: bool) -> None:
+    """The native size and am_source the call actually used, into ``settings``."""
+    height, width = output.images[0].size[::-1]
+    settings["native_height"], settings["native_width"] = (
+        output.native_images[0].size[::-1] if output.native_images is not None
+        else (height // factors[0], width // factors[-1]))
+    if MODES[settings["mode"]].attention_modulation:  # img2img keeps no native trajectory: 'diffused'
+        settings["am_source"] = getattr(output, "am_source", None) or settings["am_source"] or (
+            "diffused" if started_from_image else "recompute")
+    else:
+        settings["am_source"] = None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import fam
+
+    settings = _resolve_settings(args)
+    factors = scale_factors(settings["scale"])
+    device, pictures = _check_before_work(args, settings)
     if settings["dtype"] is None:
         settings["dtype"] = "float16" if device.startswith("cuda") else "float32"
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pipe = _load_pipeline(settings, device, args.cpu_offload)
-    extra: Dict[str, Any] = {}
-    if "init_image" in images:
-        extra["image"] = images["init_image"]
-        if settings["strength"] is None:
-            settings["strength"] = _call_default(pipe, "strength")
-        extra["strength"] = settings["strength"]
-    if "control_image" in images:  # the ControlNet text-to-image pipelines call it `image`
-        extra["control_image" if "init_image" in images else "image"] = images["control_image"]
-        if settings["controlnet_scale"] is None:
-            settings["controlnet_scale"] = _call_default(pipe, "controlnet_conditioning_scale")
-        extra["controlnet_conditioning_scale"] = settings["controlnet_scale"]
-    if settings["guidance"] is None:
-        settings["guidance"] = float(_call_default(pipe, "guidance_scale"))
-    seeds = [(settings["seed"] + i) % 2 ** 64 for i in range(count)]
+    arguments = _pipe_arguments(pipe, settings, pictures)
+    count = settings["num_images"]
+    seeds = [(settings["seed"] + i) % 2 ** 64 for i in range(count)]  # image i of the batch: seed + i
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-    tiling = {"auto": None, "on": True, "off": False}[settings["vae_tiling"]]
     print(f"fam generate: {settings['mode']} x{settings['scale']} with {type(pipe.pipe).__name__} "
           f"({type(pipe.scheduler).__name__}) on {device}, seed {settings['seed']}", file=sys.stderr, flush=True)
     try:
@@ -612,37 +639,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       num_images_per_prompt=count, generator=generators[0] if count == 1 else generators,
                       mode=settings["mode"], am_source=settings["am_source"], am_cache_device=args.am_cache_device,
                       fm_c=settings["fm_c"], am_lambda=settings["am_lambda"], upsample=settings["upsample"],
-                      cfg_sequential=settings["cfg_sequential"], vae_tiling=tiling, output_type="pil", **extra)
+                      cfg_sequential=settings["cfg_sequential"],
+                      vae_tiling={"auto": None, "on": True, "off": False}[settings["vae_tiling"]],
+                      output_type="pil", **arguments)
     except ValueError as error:
         raise CLIError(str(error)) from None
 
-    # record the values actually used
-    height, width = output.images[0].size[::-1]
-    settings["native_height"], settings["native_width"] = (
-        output.native_images[0].size[::-1] if output.native_images is not None
-        else (height // factors[0], width // factors[-1]))
-    if MODES[settings["mode"]].attention_modulation:  # img2img's native trajectory is not kept: 'diffused'
-        settings["am_source"] = getattr(output, "am_source", None) or settings["am_source"] or (
-            "diffused" if "init_image" in images else "recompute")
-    else:
-        settings["am_source"] = None
+    _record_resolved(settings, output, factors, "init_image" in pictures)
     record = {**settings, "version": fam.__version__, "scheduler_class": type(pipe.scheduler).__name__,
               "scheduler_config": json.loads(pipe.scheduler.to_json_string()),
               "sampler": sampler_name(settings["scheduler"], pipe.scheduler),
               **{key: getattr(args, key) for key in RUNTIME}, "device": device}
-    written = []
-    batches = [("high_res", args.out, output.images, (height, width))]
+    batches = [("high_res", args.out, output.images)]
     if args.native_out and output.native_images is not None:
-        batches.append(("native", args.native_out, output.native_images,
-                        (settings["native_height"], settings["native_width"])))
-    for kind, path, batch, size in batches:
-        for i, image in enumerate(batch):
-            target = numbered(path, i)
-            save_png_atomically(image, target, {**record, "image": kind, "index": i},
-                                a1111_parameters(record, seeds[i], size))
-            written.append(target)
-    for path in written:
-        print(path)
+        batches.append(("native", args.native_out, output.native_images))
+    for kind, path, images in batches:
+        for i, image in enumerate(images):
+            save_png_atomically(image, numbered(path, i), {**record, "image": kind, "index": i},
+                                a1111_parameters(record, seeds[i], image.size[::-1]))
+    for kind, path, images in batches:
+        for i in range(len(images)):
+            print(numbered(path, i))
     return 0
 
 
