@@ -11,11 +11,11 @@ import re
 import numpy as np
 import pytest
 import torch
-from diffusers import ControlNetModel, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from fam import cli
-from fam.testing import tiny_sdxl_pipeline
+from fam.testing import tiny_controlnet, tiny_sdxl_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,16 +44,9 @@ def lora_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory):
-    """ControlNetModel.from_unet of the tiny UNet (conditioning embedding /2 like its VAE), its
-    zero-initialised output convolutions made random so that the control image matters."""
+    """fam.testing's tiny ControlNet of the tiny SDXL UNet (the control image matters), saved."""
     path = tmp_path_factory.mktemp("controlnet")
-    controlnet = ControlNetModel.from_unet(tiny_sdxl_pipeline().unet, conditioning_embedding_out_channels=(4, 8))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                     controlnet.controlnet_cond_embedding.conv_out]:
-            conv.weight.normal_(0, 0.3)
-    controlnet.save_pretrained(str(path))
+    tiny_controlnet(tiny_sdxl_pipeline().unet).save_pretrained(str(path))
     return str(path)
 
 
