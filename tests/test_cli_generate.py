@@ -456,6 +456,20 @@ def test_controlnet_control_image(model_dir, controlnet_dir, pictures, tmp_path)
     assert np.array_equal(pixels(again), pixels(out))
 
 
+def test_sd15_text_to_image_and_img2img(pictures, tmp_path_factory, tmp_path):
+    from fam.testing import tiny_sd_pipeline
+
+    model = tmp_path_factory.mktemp("tiny_sd")
+    tiny_sd_pipeline().save_pretrained(str(model))
+    out, img2img = tmp_path / "t2i.png", tmp_path / "i2i.png"
+    assert generate(str(model), out, "--scale", "2x4") == 0
+    assert Image.open(out).size == (64, 32)
+    assert (metadata(out)["guidance"], metadata(out)["scheduler_class"]) == (7.5, "DDIMScheduler")  # SD's defaults
+    assert generate(str(model), img2img, "--image", pictures[0], "--strength", "0.5", "--steps", "4") == 0
+    assert Image.open(img2img).size == (32, 32)
+    assert (metadata(img2img)["strength"], metadata(img2img)["am_source"]) == (0.5, "diffused")
+
+
 def test_controlnet_with_img2img(model_dir, controlnet_dir, pictures, tmp_path):
     gradient, checker = pictures
     out = tmp_path / "out.png"
