@@ -527,11 +527,15 @@ def a1111_parameters(record: Dict[str, Any], seed: int, size_hw: Sequence[int]) 
     """A1111's "parameters" text: prompt, "Negative prompt: ...", then "Key: value, ..."
     (Size as width x height, A1111's order)."""
     model = record["model"]
+    if model == _default_model_path():
+        model = "fam-demo"
+    elif os.path.exists(model):
+        model = os.path.basename(os.path.normpath(model))  # A1111 writes the name, not the path
     fields = [("Steps", record["steps"]), ("Sampler", record["sampler"])]
     if record["scheduler_config"].get("use_karras_sigmas"):
         fields.append(("Schedule type", "Karras"))
     fields += [("CFG scale", record["guidance"]), ("Seed", seed), ("Size", f"{size_hw[1]}x{size_hw[0]}"),
-               ("Model", os.path.basename(os.path.normpath(model)) if os.path.exists(model) else model)]
+               ("Model", model)]
     if record["init_image"] is not None:
         fields.append(("Denoising strength", record["strength"]))
     if record["controlnet"] is not None:

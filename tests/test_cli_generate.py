@@ -247,6 +247,7 @@ def test_default_model_is_the_embedded_demo_model(tmp_path):
     assert os.path.isfile(os.path.join(cli._default_model_path(), "model_index.json"))
     assert metadata(out)["model"] == cli._default_model_path()
     assert Image.open(out).size == (128, 128)  # the demo model's 64 px native size x 2
+    assert parameters(out)[1]["Model"] == "fam-demo"
 
 
 # ------------------------------------------------------------------------------ checks before any work
