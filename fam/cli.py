@@ -569,6 +569,8 @@ def _check_before_work(args: argparse.Namespace, settings: Settings):
         raise CLIError("--cpu-offload: needs an accelerator --device (e.g. cuda)")
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads {args.threads}: must be an integer >= 1")
+    if args.native_out and not MODES[settings["mode"]].native_pass:
+        raise CLIError(f"--native-out {args.native_out}: mode {settings['mode']!r} has no native pass")
     outputs = [("--out", numbered(args.out, i)) for i in range(settings["num_images"])]
     if args.native_out:
         outputs += [("--native-out", numbered(args.native_out, i)) for i in range(settings["num_images"])]

@@ -285,6 +285,7 @@ def _no_loading(monkeypatch):
     (["--am-cache-device", "cpu"], "--am-cache-device 'cpu': needs --am-source cache"),
     (["--am-source", "cache", "--mode", "fm"], "--am-source 'cache': mode 'fm' has no attention modulation"),
     (["--cpu-offload", "--device", "cpu"], "--cpu-offload: needs an accelerator --device"),
+    (["--mode", "direct", "--native-out", "n.png"], "--native-out n.png: mode 'direct' has no native pass"),
 ])
 def test_bad_flags_fail_in_one_line_before_loading(model_dir, tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
