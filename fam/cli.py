@@ -592,6 +592,9 @@ def _pipe_arguments(pipe, settings: Settings, pictures) -> Dict[str, Any]:
     if "init_image" in pictures:
         if settings["strength"] is None:
             settings["strength"] = _call_default(pipe, "strength")
+        if int(settings["steps"] * settings["strength"]) < 1:  # diffusers' img2img runs int(steps x strength)
+            raise CLIError(f"--strength {settings['strength']:g} with --steps {settings['steps']}: img2img would run "
+                           f"int({settings['steps']} x {settings['strength']:g}) = 0 steps; raise one of them")
         arguments.update(image=pictures["init_image"], strength=settings["strength"])
     if "control_image" in pictures:  # the ControlNet text-to-image pipelines call it `image`
         arguments["control_image" if "init_image" in pictures else "image"] = pictures["control_image"]

@@ -440,6 +440,13 @@ def test_img2img_image_and_strength(model_dir, pictures, tmp_path):
     assert metadata(default)["strength"] == 0.3  # StableDiffusionXLImg2ImgPipeline's default, recorded
 
 
+def test_img2img_with_no_step_left_is_one_line(model_dir, pictures, tmp_path, capsys):
+    assert generate(model_dir, tmp_path / "x.png", "--image", pictures[0]) == 2  # default strength 0.3, 2 steps
+    assert one_line_error(capsys).endswith("--strength 0.3 with --steps 2: img2img would run int(2 x 0.3) = 0 "
+                                           "steps; raise one of them")
+    assert os.listdir(tmp_path) == []
+
+
 def test_controlnet_control_image(model_dir, controlnet_dir, pictures, tmp_path):
     gradient, checker = pictures
     out = tmp_path / "checker.png"
