@@ -354,6 +354,8 @@ def check_outputs(outputs: Sequence[Tuple[str, str]]) -> None:
     """Each (flag, path) must name a file in an existing, writable folder, all different."""
     seen: Dict[str, Tuple[str, str]] = {}
     for flag, path in outputs:
+        if not os.path.basename(path):
+            raise CLIError(f"{flag} {path!r}: give a file name, e.g. fam.png")
         if os.path.isdir(path):
             raise CLIError(f"{flag} {path}: is a folder; give a file name, e.g. {os.path.join(path, 'fam.png')}")
         folder = os.path.dirname(os.path.abspath(path))

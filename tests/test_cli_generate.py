@@ -328,6 +328,8 @@ def test_paths_are_checked_before_loading(model_dir, pictures, tmp_path, monkeyp
     cases = [
         (["--out", str(tmp_path / "missing" / "x.png")], f"the folder {tmp_path / 'missing'} does not exist"),
         (["--out", str(tmp_path)], f"--out {tmp_path}: is a folder"),
+        (["--out", ""], "--out '': give a file name"),
+        (["--out", str(tmp_path / "sub") + os.sep], "give a file name"),
         (["--out", os.path.join(unwritable, "x.png")], f"cannot write in {unwritable}"),
         (["--out", str(tmp_path / "a.png"), "--native-out", str(tmp_path / "a.png")],
          f"--native-out {tmp_path / 'a.png'}: the same file as --out {tmp_path / 'a.png'}"),
