@@ -88,6 +88,10 @@ class Patches:
         self.on_restore(undo)
         attention_module.set_processor(processor)
 
+    @property
+    def pending(self) -> bool:
+        return bool(self._undo)
+
     def restore(self) -> None:
         first_interrupt: Optional[BaseException] = None
         with _deferring_interrupts() as deferred:
@@ -128,6 +132,10 @@ def patched():
     exit, whatever the exit (exceptions and KeyboardInterrupt included)."""
     patches = Patches()
     try:
-        yield patches
+        try:
+            yield patches
+        finally:
+            patches.restore()
     finally:
-        patches.restore()
+        if patches.pending:  # a Ctrl-C landed before the restore deferred it: finish the undo
+            patches.restore()
