@@ -336,6 +336,8 @@ class HighResRun(_Pass):
 
 
 def _check_pipe(pipe) -> None:
+    if getattr(type(pipe), "fam_pass", None) is not None:
+        raise RuntimeError("pipe: FAM is already attached to this pipe (nested record_native/modulate)")
     unet = getattr(pipe, "unet", None)
     from diffusers import UNet2DConditionModel
 
@@ -345,8 +347,6 @@ def _check_pipe(pipe) -> None:
         raise ValueError(f"pipe: {type(pipe).__name__}.__call__ has no callback_on_step_end")
     if unet.config.time_cond_proj_dim is not None:
         raise ValueError("pipe: guidance-distilled UNets (unet.config.time_cond_proj_dim set) are not supported")
-    if getattr(type(pipe), "fam_pass", None) is not None:
-        raise RuntimeError("pipe: FAM is already attached to this pipe (nested record_native/modulate)")
 
 
 def _install_am(patches: Patches, unet, layers: Sequence[str], am: AttentionModulation) -> None:
