@@ -204,3 +204,25 @@ def tiny_mask(height: int = 24, width: int = 20):
     mask = np.zeros((height, width), dtype="uint8")
     mask[:, width // 2:] = 255
     return PIL.Image.fromarray(mask)
+
+
+def load_tiny_ip_adapter(pipe, image_embed_dim: int = 8, seed: int = 0) -> int:
+    """Give ``pipe`` an IP-Adapter (the basic kind: 4 image tokens) with random
+    weights, built in code in the format diffusers' loader reads; no image encoder
+    (call with ``ip_adapter_image_embeds``). Returns the image embedding size."""
+    generator = torch.Generator().manual_seed(seed)
+    unet = pipe.unet
+    cross_dim = unet.config.cross_attention_dim
+    ip_layers, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
+        for proj in ("to_k_ip", "to_v_ip"):
+            ip_layers[f"{key_id}.{proj}.weight"] = torch.randn(hidden, cross_dim, generator=generator) * 0.3
+        key_id += 2
+    image_proj = {"proj.weight": torch.randn(4 * cross_dim, image_embed_dim, generator=generator) * 0.3,
+                  "proj.bias": torch.zeros(4 * cross_dim), "norm.weight": torch.ones(cross_dim),
+                  "norm.bias": torch.zeros(cross_dim)}
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip_layers}], low_cpu_mem_usage=False)
+    return image_embed_dim

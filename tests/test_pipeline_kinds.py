@@ -192,3 +192,21 @@ def test_lora_scale_through_cross_attention_kwargs():
     assert not torch.allclose(half.images, without.images, atol=1e-4)
     again = run(pipe, cross_attention_kwargs={"scale": 0.5})  # the early-stopped native runs left no scale behind
     assert torch.equal(again.images, half.images)
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "sd"])
+@pytest.mark.parametrize("scale", [2, (2, 4)], ids=["2x", "2x4"])
+def test_ip_adapter_image_embeds(arch, scale):
+    from fam.testing import load_tiny_ip_adapter
+
+    pipe = tiny_pipeline("text2img", arch)
+    without = run(pipe, scale=scale)
+    dim = load_tiny_ip_adapter(pipe)
+    embeds = [torch.randn(2, 1, dim, generator=torch.Generator().manual_seed(1))]  # [negative, positive]
+    recompute = run(pipe, scale=scale, ip_adapter_image_embeds=embeds)
+    cache = run(pipe, scale=scale, ip_adapter_image_embeds=embeds, am_source="cache")
+    assert torch.equal(recompute.images, cache.images)  # the replayed native calls carry the image embeds
+    assert not torch.allclose(recompute.native_images, without.native_images, atol=1e-4)
+    assert not torch.allclose(recompute.images, without.images, atol=1e-4)
+    diffused = run(pipe, scale=scale, ip_adapter_image_embeds=embeds, am_source="diffused")
+    assert torch.isfinite(diffused.images).all()
