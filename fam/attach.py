@@ -75,6 +75,15 @@ class Noiser:
         return self.scheduler.add_noise(x0, noise, t)
 
 
+def start_step(num_inference_steps: int, strength: float) -> int:
+    """diffusers' img2img rule: with ``strength`` s the last int(N s) of N steps are run."""
+    kept = min(int(num_inference_steps * strength), num_inference_steps)
+    if kept < 1:
+        raise ValueError(f"high_res_strength={strength!r} leaves no step of {num_inference_steps} "
+                         f"(int({num_inference_steps} x {strength}) = 0)")
+    return num_inference_steps - kept
+
+
 def upsample_latent(latent: torch.Tensor, size, mode: str) -> torch.Tensor:
     extra = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
     return F.interpolate(latent.float(), size=tuple(size), mode=mode, **extra).to(latent.dtype)
@@ -135,6 +144,7 @@ class _Pass:
 
             patches.set_attr(unet, "forward", forward)
         patches.set_class(self.pipe, type(base.__name__, (base,), namespace))
+        self.extra_patches(patches)
         if hasattr(self.pipe, "prepare_latents"):
             prepare_latents = self.pipe.prepare_latents
 
@@ -146,6 +156,9 @@ class _Pass:
                 return out
 
             patches.set_attr(self.pipe, "prepare_latents", exact_start)
+
+    def extra_patches(self, patches: Patches) -> None:
+        pass
 
     # ----------------------------------------------------------- the call
     def call(self, base, pipe, args, kwargs):
@@ -245,15 +258,35 @@ class HighResRun(_Pass):
     kind = "high_res"
 
     def __init__(self, pipe, native_latent: torch.Tensor, *, mode: Mode, scale: Tuple[int, int], fm_c: float,
-                 upsample: str, source: Optional[NativeAttentionSource], native_steps: Optional[int],
-                 cfg_sequential: bool):
+                 upsample: str, source: Optional[NativeAttentionSource], cfg_sequential: bool,
+                 high_res_strength: float = 1.0):
         super().__init__(pipe, cfg_sequential=cfg_sequential, source=source)
         self.native_latent, self.mode, self.scale = native_latent, mode, scale
-        self.fm_c, self.upsample, self.native_steps = fm_c, upsample, native_steps
+        self.fm_c, self.upsample, self.high_res_strength = fm_c, upsample, high_res_strength
+        self.offset = 0  # index of the first high-res step in the full schedule (high_res_strength < 1)
         h, w = native_latent.shape[-2:]
         self.target_latent = (h * scale[0], w * scale[1])
         self.noiser: Optional[Noiser] = None
         self.reference_x0 = self.eps = None
+
+    def extra_patches(self, patches: Patches) -> None:
+        """high_res_strength < 1: the pipe's scheduler keeps only the schedule's last
+        steps and starts its step index there, as diffusers' img2img does."""
+        if self.high_res_strength == 1.0:
+            return
+        scheduler = self.pipe.scheduler
+        set_timesteps = scheduler.set_timesteps
+        handler = self
+
+        def set_timesteps_from_start(*args, **kwargs):
+            out = set_timesteps(*args, **kwargs)
+            if handler.active and handler.offset:
+                scheduler.timesteps = scheduler.timesteps[handler.offset:]
+                if hasattr(scheduler, "set_begin_index"):
+                    scheduler.set_begin_index(handler.offset)
+            return out
+
+        patches.set_attr(scheduler, "set_timesteps", set_timesteps_from_start)
 
     @property
     def target_size(self) -> Tuple[int, int]:
@@ -276,11 +309,7 @@ class HighResRun(_Pass):
         steps = call_default(base, "num_inference_steps", arguments)
         self.noiser = Noiser(schedule_copy(pipe, steps, device, arguments.get("timesteps"),
                                            arguments.get("sigmas")))
-        n = len(self.noiser.timesteps)
-        if self.source is not None and self.source.needs_trajectory and self.native_steps != n:
-            raise ValueError(f"num_inference_steps: the high-res schedule has {n} steps, the recorded native pass "
-                             f"{self.native_steps}; am_source={self.source.name!r} needs the same schedule "
-                             "(or use am_source='diffused')")
+        self.offset = start_step(steps, self.high_res_strength) * getattr(pipe.scheduler, "order", 1)
         generator = arguments.get("generator")
         latent = self.native_latent.to(device)
         self.reference_x0 = upsample_latent(latent, self.target_latent, self.upsample)
@@ -288,9 +317,9 @@ class HighResRun(_Pass):
                                 dtype=latent.dtype)
         if self.source is not None:
             self.source.begin_high_res(generator=generator, noiser=self.noiser, scheduler=pipe.scheduler,
-                                       scale=self.scale)
-        start = self.noiser.at(0, self.reference_x0, self.eps)
-        start = self.guide(0, start, start)  # the first step's guidance (the identity up to rounding)
+                                       scale=self.scale, high_res_timesteps=self.noiser.timesteps)
+        start = self.noiser.at(self.offset, self.reference_x0, self.eps)
+        start = self.guide(self.offset, start, start)  # the first step's guidance (the identity up to rounding)
         # the pipe multiplies the given latents by init_noise_sigma; prepare_latents then hands over
         # start itself (division and multiplication would round)
         arguments["latents"] = start / self.noiser.scheduler.init_noise_sigma
@@ -299,7 +328,7 @@ class HighResRun(_Pass):
     def modulate(self, step, t, latents):
         """After step ``step``: the latents modulated for the next step's timestep."""
         extras = {"reference_latents": None, "modulated_latents": None}
-        following = step + 1
+        following = self.offset + step + 1
         if following >= len(self.noiser.timesteps) or not (self.mode.frequency_modulation or self.mode.skip_residual):
             return latents, extras
         reference = self.noiser.at(following, self.reference_x0, self.eps)
@@ -324,7 +353,7 @@ class HighResRun(_Pass):
         if self.source is None:
             return super().forward_chunk(previous, call, parts, chunk)
         am = self.source.am
-        inputs = self.source.native_inputs(self.step, chunk, parts, call)
+        inputs = self.source.native_inputs(self.offset + self.step, chunk, parts, call)
         am.modulate_with(inputs)
         try:
             return super().forward_chunk(previous, call, parts, chunk)
@@ -391,11 +420,15 @@ def record_native(pipe, *, am_source: Optional[str] = "recompute", am_layers: Un
 @contextmanager
 def modulate(pipe, native: Union[NativeRun, torch.Tensor], *, scale: Scale = 2, mode: str = "fam",
              fm_c: float = 0.5, am_lambda: float = 0.7, am_layers: Union[str, Sequence[str], None] = None,
-             upsample: str = "bicubic", cfg_sequential: bool = False):
+             upsample: str = "bicubic", cfg_sequential: bool = False, high_res_strength: float = 1.0):
     """Make the one ``pipe(...)`` call inside the block FAM's high-res pass at
     ``scale`` x the native size. ``native``: a :func:`record_native` result, or native
     latents (B, C, h, w) (then AM uses the "diffused" source). ``mode``: "fam", "fm",
-    "am", "skip_residual" or "direct_native" (the diffused start only)."""
+    "am", "skip_residual" or "direct_native" (the diffused start only).
+    ``high_res_strength`` s in (0, 1]: start where the call's schedule has int(N s) of
+    its N steps left, from z~ at that step (diffusers' img2img rule). The call's own
+    ``num_inference_steps`` may differ from the native pass's: AM then uses, for each
+    high-res step, the native step with the nearest timestep."""
     _check_pipe(pipe)
     _check_cfg_sequential(pipe, cfg_sequential)
     choose("mode", mode, tuple(name for name in MODES if name != "direct"))
@@ -404,20 +437,21 @@ def modulate(pipe, native: Union[NativeRun, torch.Tensor], *, scale: Scale = 2, 
     factors = _parse_scale(scale)
     check_number("fm_c", fm_c, low=0.0)
     check_number("am_lambda", am_lambda, low=0.0, high=1.0)
+    check_strength(high_res_strength)
     if am_layers is not None and not spec.attention_modulation:
         raise ValueError(f"am_layers: mode {mode!r} has no Attention Modulation")
 
     if isinstance(native, NativeRun):
         if native.latents is None:
             raise ValueError("native: the record_native block ran no denoising step")
-        latent, steps = native.latents, native.steps
+        latent = native.latents
         if spec.attention_modulation and native.am is None:
             raise ValueError(f"native: recorded with am_source=None, but mode {mode!r} needs Attention Modulation")
         am, source, layers = native.am, native.source, native.layers
         if am_layers is not None and resolve_am_layers(pipe.unet, am_layers) != layers:
             raise ValueError("am_layers: differ from those of the record_native block")
     elif torch.is_tensor(native) and native.ndim == 4:
-        latent, steps, source = native, None, None
+        latent, source = native, None
         layers = resolve_am_layers(pipe.unet, am_layers) if spec.attention_modulation else []
         am = AttentionModulation(layers, am_lambda, (1, 1), (1, 1)) if spec.attention_modulation else None
     else:
@@ -432,7 +466,7 @@ def modulate(pipe, native: Union[NativeRun, torch.Tensor], *, scale: Scale = 2, 
     else:
         source = None
     run = HighResRun(pipe, latent, mode=spec, scale=factors, fm_c=fm_c, upsample=upsample, source=source,
-                     native_steps=steps, cfg_sequential=cfg_sequential)
+                     cfg_sequential=cfg_sequential, high_res_strength=float(high_res_strength))
     if source is not None:
         source.run_native = lambda call: run.run_native(call)
     with patched() as patches:
@@ -459,3 +493,9 @@ def check_number(name: str, value, *, low: Optional[float] = None, high: Optiona
         else:
             bounds = what + (f" >= {low:g}" if low is not None else "") + (f" <= {high:g}" if high is not None else "")
         raise ValueError(f"{name}={value!r} must be {bounds}")
+
+
+def check_strength(high_res_strength) -> None:
+    check_number("high_res_strength", high_res_strength, low=0.0, high=1.0)
+    if high_res_strength == 0:
+        raise ValueError("high_res_strength=0 must be a number in (0, 1]")

@@ -26,7 +26,15 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from . import vae as vae_io
-from .attach import FAM_TENSOR_INPUTS, _check_pipe, check_number, modulate, record_native
+from .attach import (
+    FAM_TENSOR_INPUTS,
+    _check_pipe,
+    check_number,
+    check_strength,
+    modulate,
+    record_native,
+    start_step,
+)
 from .attention import resolve_am_layers
 from .modes import AM_SOURCES, MODES, UPSAMPLE_MODES, Mode, choose
 from .sizes import Scale, Sizes, resolve_sizes
@@ -199,6 +207,8 @@ class FAMPipeline:
         upsample: str = "bicubic",
         vae_tiling: Optional[bool] = None,
         cfg_sequential: bool = False,
+        high_res_strength: float = 1.0,
+        high_res_steps: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
@@ -216,6 +226,13 @@ class FAMPipeline:
         the same schedule: img2img, inpaint, a start ``image``). ``cfg_sequential`` runs
         the two guidance halves one after the other. ``vae_tiling``: None tiles above
         ``auto_tiling_min_pixels``.
+
+        Shortened high-res pass (defaults: the paper): ``high_res_strength`` s in (0, 1]
+        starts the high-res pass where its schedule has int(N s) of its N steps left, from
+        z~ at that step (diffusers' img2img ``strength`` rule); ``high_res_steps`` is N for
+        the high-res schedule (default ``num_inference_steps``; the native pass keeps
+        ``num_inference_steps``). With different schedules AM uses, for each high-res
+        step, the native step with the nearest timestep ("diffused": z~ at the step itself).
 
         ``image`` means what the wrapped pipeline means by it (img2img/inpaint init
         picture, ControlNet control image); on a text-to-image pipeline it is FAM's
@@ -238,6 +255,7 @@ class FAMPipeline:
                           am_lambda=am_lambda, am_layers=am_layers, am_source=am_source,
                           am_cache_device=am_cache_device, upsample=upsample, vae_tiling=vae_tiling,
                           cfg_sequential=cfg_sequential, output_type=output_type,
+                          high_res_strength=high_res_strength, high_res_steps=high_res_steps,
                           callback_inputs=callback_on_step_end_tensor_inputs, callback=callback_on_step_end,
                           kwargs=kwargs)
         try:
@@ -271,7 +289,8 @@ class FAMPipeline:
                         and plan["am_source"] != "diffused" else native_latent,
                         scale=plan["sizes"].scale, mode=mode_spec.name, fm_c=fm_c, am_lambda=am_lambda,
                         am_layers=am_layers if native is None or plan["am_source"] == "diffused" else None,
-                        upsample=upsample, cfg_sequential=cfg_sequential))
+                        upsample=upsample, cfg_sequential=cfg_sequential,
+                        high_res_strength=high_res_strength))
                 images = high_res_pipe(**plan["high_res_kwargs"], return_dict=True).images
         finally:
             self._current_pass = None
@@ -286,7 +305,8 @@ class FAMPipeline:
     # ---------------------------------------------------------------- planning + validation
     def _plan(self, *, prompt, image, scale, height, width, native_height, native_width, num_inference_steps,
               generator, mode: Mode, fm_c, am_lambda, am_layers, am_source, am_cache_device, upsample, vae_tiling,
-              cfg_sequential, output_type, callback_inputs, callback, kwargs) -> Dict[str, Any]:
+              cfg_sequential, output_type, callback_inputs, callback, kwargs, high_res_strength=1.0,
+              high_res_steps=None) -> Dict[str, Any]:
         """Validate every argument and build both passes' keyword arguments, before any work."""
         pipe, params = self.pipe, _parameters(self.pipe)
         choose("upsample", upsample, UPSAMPLE_MODES)
@@ -294,6 +314,12 @@ class FAMPipeline:
         check_number("fm_c", fm_c, low=0.0)
         check_number("am_lambda", am_lambda, low=0.0, high=1.0)
         check_number("num_inference_steps", num_inference_steps, low=1, integer=True)
+        check_strength(high_res_strength)
+        if high_res_steps is not None:
+            check_number("high_res_steps", high_res_steps, low=1, integer=True)
+        start_step(high_res_steps or num_inference_steps, high_res_strength)
+        if high_res_strength != 1.0 and not mode.native_pass:
+            raise ValueError("high_res_strength: mode 'direct' has no native latent to start the high-res pass from")
         if vae_tiling is not None and not isinstance(vae_tiling, bool):
             raise ValueError(f"vae_tiling={vae_tiling!r} must be None, True or False")
         if not isinstance(cfg_sequential, bool):
@@ -372,7 +398,8 @@ class FAMPipeline:
                   "output_type": output_type, "callback_on_step_end": callback,
                   "callback_on_step_end_tensor_inputs": callback_inputs, **kwargs}
         native_kwargs = self._native_kwargs(common, sizes, init_image)
-        high_res_pipe, high_res_kwargs = self._high_res_kwargs(common, sizes, mode)
+        high_res_pipe, high_res_kwargs = self._high_res_kwargs(
+            {**common, "num_inference_steps": high_res_steps or num_inference_steps}, sizes, mode)
         return {"sizes": sizes, "native_kwargs": native_kwargs, "high_res_pipe": high_res_pipe,
                 "high_res_kwargs": high_res_kwargs, "am_source": am_source, "tiling": tiling,
                 "start_image": start_image, "batch": batch, "images_per_prompt": images_per_prompt,

@@ -74,14 +74,17 @@ class NativeAttentionSource:
 
     def __init__(self, am: AttentionModulation, run_native: Callable[[UNetCall], Any]):
         self.am, self.run_native = am, run_native
-        self.steps = 0
+        self.native_timesteps: Dict[int, float] = {}  # native step -> its timestep
+        self.step_map: Dict[int, int] = {}  # high-res schedule index -> native step
 
     def native_call(self, step: int, chunk: int, call: UNetCall, run: Callable[[], Any]):
-        self.steps = max(self.steps, step + 1)
+        self.native_timesteps[step] = float(torch.as_tensor(call.kwargs["timestep"]).flatten()[0])
         return run()
 
-    def begin_high_res(self, **context) -> None:
-        pass
+    def begin_high_res(self, *, high_res_timesteps, **context) -> None:
+        """Map every step of the high-res schedule to the native step used for it."""
+        if self.needs_trajectory:
+            self.step_map = nearest_native_steps(self.native_timesteps, high_res_timesteps)
 
     def native_inputs(self, step: int, chunk: int, parts: int, call: UNetCall) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -107,7 +110,7 @@ class RecomputeSource(NativeAttentionSource):
         return super().native_call(step, chunk, call, run)
 
     def native_inputs(self, step, chunk, parts, call):
-        return self._capture(self.calls[step].chunk(parts, chunk))
+        return self._capture(self.calls[self.step_map[step]].chunk(parts, chunk))
 
 
 class CacheSource(NativeAttentionSource):
@@ -125,7 +128,7 @@ class CacheSource(NativeAttentionSource):
             self.am.off()
 
     def native_inputs(self, step, chunk, parts, call):
-        return self.cache.load(step, chunk)
+        return self.cache.load(self.step_map[step], chunk)
 
     @property
     def nbytes(self) -> int:
@@ -160,6 +163,19 @@ class DiffusedSource(NativeAttentionSource):
         if added and "time_ids" in added:
             changes["added_cond_kwargs"] = {**added, "time_ids": native_time_ids(added["time_ids"], self.scale)}
         return self._capture(call.replace(**changes).chunk(parts, chunk))
+
+
+def nearest_native_steps(native_timesteps: Dict[int, float], high_res_timesteps) -> Dict[int, int]:
+    """The rule when the two passes' schedules differ (``high_res_steps``): high-res
+    step j uses the native step whose timestep is nearest to t_j (ties: the earlier,
+    noisier step). Identical schedules map every step to itself."""
+    if not native_timesteps:
+        raise ValueError("native: the recorded native pass ran no UNet call")
+    steps = sorted(native_timesteps)
+    mapping = {}
+    for j, t in enumerate(torch.as_tensor(high_res_timesteps).flatten().tolist()):
+        mapping[j] = min(steps, key=lambda k: (abs(native_timesteps[k] - float(t)), k))
+    return mapping
 
 
 def native_time_ids(time_ids: torch.Tensor, scale: Tuple[int, int]) -> torch.Tensor:

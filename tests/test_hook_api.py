@@ -89,10 +89,12 @@ def test_misuse_is_refused(pipes):
     with fam.modulate(pipe, native, scale=2):
         with pytest.raises(ValueError, match=r"height=48: the high-res pass is 32"):
             pipe("x", num_inference_steps=STEPS, height=48, width=32)
-    with fam.modulate(pipe, native, scale=2):
-        with pytest.raises(ValueError, match="num_inference_steps: the high-res schedule has 3 steps, the recorded "
-                                             "native pass 2; am_source='recompute' needs the same schedule"):
-            pipe("x", num_inference_steps=3)
+    with fam.modulate(pipe, native, scale=2, high_res_strength=0.1):
+        with pytest.raises(ValueError, match=r"high_res_strength=0.1 leaves no step of 2 \(int\(2 x 0.1\) = 0\)"):
+            pipe("x", num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"high_res_strength=1.5 must be a number in \[0, 1\]"):
+        with fam.modulate(pipe, native, high_res_strength=1.5):
+            pass
     with pytest.raises(ValueError, match="mode='direct' is not one of"):
         with fam.modulate(pipe, native, mode="direct"):
             pass
