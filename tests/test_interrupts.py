@@ -93,6 +93,14 @@ def pipe():
     return tiny_sdxl_pipeline()
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Python's own Ctrl-C handler, also when the tests run as a background job (SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def snapshot(pipe):
     return type(pipe), dict(pipe.unet.attn_processors)
 
