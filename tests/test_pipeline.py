@@ -441,3 +441,17 @@ def test_sequential_cpu_offload_is_delegated():
     FAMPipeline.from_pipe(pipe).enable_sequential_cpu_offload(device="cpu")
     assert any(hasattr(module, "_hf_hook") for module in pipe.unet.modules())
     assert any(hasattr(module, "_hf_hook") for module in pipe.text_encoder.modules())
+
+
+def test_num_images_per_prompt_and_custom_timesteps_are_forwarded(sdxl):
+    batch = run(sdxl, num_images_per_prompt=2)
+    assert batch.images.shape == (2, 4, 16, 16) and batch.native_images.shape == (2, 4, 8, 8)
+    assert not torch.equal(batch.images[0], batch.images[1])  # two draws of one generator
+    seen = []
+
+    def record(pipe, step, t, tensors):
+        seen.append((pipe.fam_pass, float(t)))
+        return {}
+
+    run(sdxl, timesteps=[999, 500, 100], num_inference_steps=3, callback_on_step_end=record)
+    assert seen == [(p, t) for p in ("native", "high_res") for t in (999.0, 500.0, 100.0)]
