@@ -35,7 +35,7 @@ DEFAULTS: Dict[str, Any] = {
     "fm_c": 0.5, "am_lambda": 0.7, "upsample": "bicubic", "cfg_sequential": False, "vae_tiling": "auto",
     "dtype": None, "variant": None, "scheduler": None, "karras": False, "timestep_spacing": None,
     "num_images": 1, "init_image": None, "strength": None, "control_image": None, "controlnet": None,
-    "controlnet_scale": None, "lora": [],
+    "controlnet_scale": None, "lora": [], "high_res_strength": 1.0, "high_res_steps": None,
 }
 # how the run was executed; recorded, but never taken from --from-png
 RUNTIME = ("device", "cpu_offload", "am_cache_device", "threads")
@@ -217,6 +217,8 @@ FIELDS: Dict[str, Tuple[str, Callable]] = {  # settings key -> (its flag, its ch
     "controlnet": ("--controlnet", _text()),
     "controlnet_scale": ("--controlnet-scale", _finite(0, optional=True)),
     "lora": ("--lora", _loras),
+    "high_res_strength": ("--high-res-strength", _finite(0, 1, low_open=True)),
+    "high_res_steps": ("--high-res-steps", _int_at_least(1, optional=True)),
 }
 assert set(FIELDS) == set(DEFAULTS)
 
@@ -544,6 +546,9 @@ def a1111_parameters(record: Dict[str, Any], seed: int, size_hw: Sequence[int]) 
         fields += [("ControlNet", record["controlnet"]), ("ControlNet weight", record["controlnet_scale"])]
     if record["lora"]:
         fields.append(("Lora", "; ".join(f"{os.path.basename(path)}:{scale:g}" for path, scale in record["lora"])))
+    if record["high_res_strength"] != 1.0 or record["high_res_steps"] is not None:
+        fields += [("FAM high-res strength", record["high_res_strength"]),
+                   ("Hires steps", record["high_res_steps"] or record["steps"])]
     fields += [("FAM mode", record["mode"]), ("FAM scale", f"{record['scale']} (HxW)"),
                ("Native size", f"{record['native_width']}x{record['native_height']}"),
                ("Version", f"fam {record['version']}")]
@@ -650,7 +655,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       num_images_per_prompt=count, generator=generators[0] if count == 1 else generators,
                       mode=settings["mode"], am_source=settings["am_source"], am_cache_device=args.am_cache_device,
                       fm_c=settings["fm_c"], am_lambda=settings["am_lambda"], upsample=settings["upsample"],
-                      cfg_sequential=settings["cfg_sequential"],
+                      cfg_sequential=settings["cfg_sequential"], high_res_strength=settings["high_res_strength"],
+                      high_res_steps=settings["high_res_steps"],
                       vae_tiling={"auto": None, "on": True, "off": False}[settings["vae_tiling"]],
                       output_type="pil", **arguments)
     except ValueError as error:
@@ -706,6 +712,9 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--controlnet-scale", type=float, help="controlnet_conditioning_scale (default 1)")
     p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="LoRA weights (file, folder or hub id), scale default 1; repeatable")
+    p.add_argument("--high-res-strength", type=float, help="start the high-res pass later, as img2img strength "
+                                                            "in (0, 1] does (default 1: the whole schedule)")
+    p.add_argument("--high-res-steps", type=int, help="steps of the high-res schedule (default: --steps)")
     p.add_argument("--mode", choices=["fam", "fm", "am", "skip_residual", "direct_native", "direct"])
     p.add_argument("--am-source", choices=["recompute", "cache", "diffused"])
     p.add_argument("--am-cache-device", help="keep the AM cache here, e.g. cpu (with --am-source cache)")

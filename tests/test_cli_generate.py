@@ -186,6 +186,21 @@ def test_mode_without_attention_modulation_records_no_am_source(model_dir, tmp_p
     assert (metadata(direct)["native_height"], metadata(direct)["native_width"]) == (16, 16)
 
 
+def test_shortened_high_res_pass(model_dir, tmp_path):
+    full, short = tmp_path / "full.png", tmp_path / "short.png"
+    assert generate(model_dir, full, "--steps", "4") == 0
+    assert generate(model_dir, short, "--steps", "4", "--high-res-strength", "0.5", "--high-res-steps", "6") == 0
+    assert not np.array_equal(pixels(short), pixels(full))
+    assert (metadata(short)["high_res_strength"], metadata(short)["high_res_steps"]) == (0.5, 6)
+    assert (metadata(full)["high_res_strength"], metadata(full)["high_res_steps"]) == (1.0, None)
+    fields = parameters(short)[1]
+    assert (fields["FAM high-res strength"], fields["Hires steps"]) == ("0.5", "6")
+    assert "Hires steps" not in parameters(full)[1]
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--from-png", str(short), "--out", str(again)]) == 0
+    assert np.array_equal(pixels(again), pixels(short))
+
+
 # ------------------------------------------------------------------------------ batches, threads, LoRA
 
 def test_num_images_files_seeds_and_rerun(model_dir, tmp_path):
@@ -272,6 +287,9 @@ def _no_loading(monkeypatch):
     (["--scheduler", "bogus"], "--scheduler 'bogus': must be one of euler, euler_a, ddim"),
     (["--timestep-spacing", "odd"], "--timestep-spacing 'odd': must be one of leading, linspace, trailing"),
     (["--threads", "0"], "--threads 0: must be an integer >= 1"),
+    (["--high-res-strength", "0"], "--high-res-strength 0.0: must be a number in (0, 1]"),
+    (["--high-res-strength", "nan"], "--high-res-strength nan: must be a number in (0, 1]"),
+    (["--high-res-steps", "0"], "--high-res-steps 0: must be an integer >= 1"),
     (["--strength", "0.5"], "--strength 0.5: needs --image"),
     (["--controlnet-scale", "1"], "--controlnet-scale 1.0: needs --controlnet"),
     (["--controlnet", "x/y"], "--controlnet 'x/y': needs --control-image"),
@@ -372,6 +390,7 @@ def _fam_png(path, **fields):
     ("lora", "a.safetensors", "expected a list of [PATH, SCALE]"),
     ("num_images", 0, "must be an integer >= 1"),
     ("strength", 1.5, "must be a number in (0, 1]"),
+    ("high_res_steps", 2.5, "must be an integer >= 1"),
 ])
 def test_from_png_fields_are_checked_one_by_one(tmp_path, monkeypatch, capsys, field, value, reason):
     _no_loading(monkeypatch)
