@@ -35,7 +35,7 @@ DEFAULTS: Dict[str, Any] = {
     "fm_c": 0.5, "am_lambda": 0.7, "upsample": "bicubic", "cfg_sequential": False, "vae_tiling": "auto",
     "dtype": None, "variant": None, "scheduler": None, "karras": False, "timestep_spacing": None,
     "num_images": 1, "init_image": None, "strength": None, "control_image": None, "controlnet": None,
-    "controlnet_scale": None, "lora": [], "high_res_strength": 1.0, "high_res_steps": None,
+    "controlnet_scale": None, "lora": [], "high_res_strength": 1.0, "high_res_steps": None, "am_layers": None,
 }
 # how the run was executed; recorded, but never taken from --from-png
 RUNTIME = ("device", "cpu_offload", "am_cache_device", "threads")
@@ -188,6 +188,16 @@ def _loras(value) -> List[List[Any]]:
     return [parse_lora(item) for item in value]
 
 
+def _layers(value) -> Optional[List[str]]:
+    """"up_blocks.0,up_blocks.1" (or a stored list) -> ["up_blocks.0", "up_blocks.1"]."""
+    if value is None:
+        return None
+    entries = value.split(",") if isinstance(value, str) else value
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) and e.strip() for e in entries):
+        raise ValueError("expected comma-separated self-attention layer names or prefixes, e.g. up_blocks.0")
+    return [entry.strip() for entry in entries]
+
+
 FIELDS: Dict[str, Tuple[str, Callable]] = {  # settings key -> (its flag, its check)
     "model": ("--model", _text()),
     "prompt": ("--prompt", _text(optional=False)),
@@ -219,6 +229,7 @@ FIELDS: Dict[str, Tuple[str, Callable]] = {  # settings key -> (its flag, its ch
     "lora": ("--lora", _loras),
     "high_res_strength": ("--high-res-strength", _finite(0, 1, low_open=True)),
     "high_res_steps": ("--high-res-steps", _int_at_least(1, optional=True)),
+    "am_layers": ("--am-layers", _layers),
 }
 assert set(FIELDS) == set(DEFAULTS)
 
@@ -234,8 +245,8 @@ class Settings(dict):
         value = self[key] if value is None else value
         if key in self.from_png:
             return f"--from-png {self.png}: field {key!r} = {value!r}"
-        if key == "lora":
-            return f"--lora {':'.join(map(str, value))!r}" if isinstance(value, list) else f"--lora {value!r}"
+        if key in ("lora", "am_layers") and isinstance(value, list):  # as given on the command line
+            value = (":" if key == "lora" else ",").join(map(str, value))
         return f"{FIELDS[key][0]} {value!r}"
 
 
@@ -312,10 +323,11 @@ def _resolve_settings(args: argparse.Namespace) -> Settings:
     for key, other, flag in needs:
         if settings[key] is not None and settings[other] is None:
             raise CLIError(f"{settings.where(key)}: needs {flag}")
-    if settings["am_source"] is not None and not MODES[settings["mode"]].attention_modulation:
-        if "am_source" not in settings.from_png:
-            raise CLIError(f"{settings.where('am_source')}: mode {settings['mode']!r} has no attention modulation")
-        settings["am_source"] = None  # stored for another mode
+    for key in ("am_source", "am_layers"):
+        if settings[key] is not None and not MODES[settings["mode"]].attention_modulation:
+            if key not in settings.from_png:
+                raise CLIError(f"{settings.where(key)}: mode {settings['mode']!r} has no attention modulation")
+            settings[key] = None  # stored for another mode
     if settings["seed"] is None:
         settings["seed"] = random.SystemRandom().randrange(2 ** 32)
     return settings
@@ -641,6 +653,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pipe = _load_pipeline(settings, device, args.cpu_offload)
+    if settings["am_layers"] is not None:
+        from .attention import resolve_am_layers
+
+        try:
+            resolve_am_layers(pipe.unet, settings["am_layers"])
+        except ValueError as error:
+            raise CLIError(f"{settings.where('am_layers')}: {str(error).removeprefix('am_layers: ')}") from None
     arguments = _pipe_arguments(pipe, settings, pictures)
     count = settings["num_images"]
     seeds = [(settings["seed"] + i) % 2 ** 64 for i in range(count)]  # image i of the batch: seed + i
@@ -653,7 +672,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       native_height=settings["native_height"], native_width=settings["native_width"],
                       num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                       num_images_per_prompt=count, generator=generators[0] if count == 1 else generators,
-                      mode=settings["mode"], am_source=settings["am_source"], am_cache_device=args.am_cache_device,
+                      mode=settings["mode"], am_source=settings["am_source"], am_layers=settings["am_layers"],
+                      am_cache_device=args.am_cache_device,
                       fm_c=settings["fm_c"], am_lambda=settings["am_lambda"], upsample=settings["upsample"],
                       cfg_sequential=settings["cfg_sequential"], high_res_strength=settings["high_res_strength"],
                       high_res_steps=settings["high_res_steps"],
@@ -717,6 +737,8 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--high-res-steps", type=int, help="steps of the high-res schedule (default: --steps)")
     p.add_argument("--mode", choices=["fam", "fm", "am", "skip_residual", "direct_native", "direct"])
     p.add_argument("--am-source", choices=["recompute", "cache", "diffused"])
+    p.add_argument("--am-layers", metavar="LAYERS", help="comma-separated self-attention layers or prefixes for AM "
+                                                         "(default: the paper's, up_blocks.0 on SDXL)")
     p.add_argument("--am-cache-device", help="keep the AM cache here, e.g. cpu (with --am-source cache)")
     p.add_argument("--fm-c", type=float, help="FM low-frequency box size c (default 0.5)")
     p.add_argument("--am-lambda", type=float, help="AM blend weight lambda (default 0.7)")

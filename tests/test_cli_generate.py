@@ -186,6 +186,18 @@ def test_mode_without_attention_modulation_records_no_am_source(model_dir, tmp_p
     assert (metadata(direct)["native_height"], metadata(direct)["native_width"]) == (16, 16)
 
 
+def test_am_layers(model_dir, tmp_path, capsys):
+    default, wider = tmp_path / "default.png", tmp_path / "wider.png"
+    assert generate(model_dir, default) == 0
+    assert generate(model_dir, wider, "--am-layers", "up_blocks.0, up_blocks.1") == 0
+    assert metadata(wider)["am_layers"] == ["up_blocks.0", "up_blocks.1"] and metadata(default)["am_layers"] is None
+    assert not np.array_equal(pixels(wider), pixels(default))
+    assert generate(model_dir, tmp_path / "x.png", "--am-layers", "up_blocks.9") == 2
+    assert "--am-layers 'up_blocks.9': 'up_blocks.9' names no self-attention layer of this UNet" in \
+        one_line_error(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["default.png", "wider.png"]
+
+
 def test_shortened_high_res_pass(model_dir, tmp_path):
     full, short = tmp_path / "full.png", tmp_path / "short.png"
     assert generate(model_dir, full, "--steps", "4") == 0
@@ -302,6 +314,8 @@ def _no_loading(monkeypatch):
     (["--am-cache-device", "cuda:0", "--am-source", "cache"], "--am-cache-device 'cuda:0': cuda is not available"),
     (["--am-cache-device", "cpu"], "--am-cache-device 'cpu': needs --am-source cache"),
     (["--am-source", "cache", "--mode", "fm"], "--am-source 'cache': mode 'fm' has no attention modulation"),
+    (["--am-layers", "up_blocks.0", "--mode", "fm"], "--am-layers 'up_blocks.0': mode 'fm' has no attention"),
+    (["--am-layers", ","], "--am-layers ',': expected comma-separated self-attention layer names"),
     (["--cpu-offload", "--device", "cpu"], "--cpu-offload: needs an accelerator --device"),
     (["--mode", "direct", "--native-out", "n.png"], "--native-out n.png: mode 'direct' has no native pass"),
 ])
