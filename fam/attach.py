@@ -233,9 +233,9 @@ class NativeRun(_Pass):
     kind = "native"
 
     def __init__(self, pipe, *, am: Optional[AttentionModulation], am_source: Optional[str], cfg_sequential: bool,
-                 am_cache_device=None):
+                 layers: Sequence[str] = (), am_cache_device=None):
         super().__init__(pipe, cfg_sequential=cfg_sequential, source=None)
-        self.am, self.am_source = am, am_source
+        self.am, self.am_source, self.layers = am, am_source, list(layers)
         if am is not None and am_source != "diffused":
             cls = SOURCES[am_source]
             extra = {"device": am_cache_device} if am_source == "cache" else {}
@@ -406,9 +406,8 @@ def record_native(pipe, *, am_source: Optional[str] = "recompute", am_layers: Un
     if am_source is not None:
         layers = resolve_am_layers(pipe.unet, am_layers)
         am = AttentionModulation(layers, 0.0, (1, 1), (1, 1))
-    native = NativeRun(pipe, am=am, am_source=am_source, cfg_sequential=cfg_sequential,
+    native = NativeRun(pipe, am=am, am_source=am_source, cfg_sequential=cfg_sequential, layers=layers,
                        am_cache_device=None if am_cache_device is None else torch.device(am_cache_device))
-    native.layers = layers
     with patched() as patches:
         with sigint_deferred():
             if am_source == "cache":
@@ -459,8 +458,7 @@ def modulate(pipe, native: Union[NativeRun, torch.Tensor], *, scale: Scale = 2, 
 
     if spec.attention_modulation:
         h, w = latent.shape[-2:]
-        am.lam, am.native_latent, am.target_latent = float(am_lambda), (h, w), (h * factors[0], w * factors[1])
-        am._grids.clear()
+        am.configure(am_lambda, (h, w), (h * factors[0], w * factors[1]))
         if source is None:
             source = DiffusedSource(am, None, latent)
     else:

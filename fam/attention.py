@@ -102,6 +102,11 @@ class AttentionModulation:
         self.native_inputs: Dict[str, torch.Tensor] = {}
         self._grids: Dict[Tuple[int, int], Tuple[Tuple[int, int], Tuple[int, int]]] = {}
 
+    def configure(self, lam: float, native_latent: Tuple[int, int], target_latent: Tuple[int, int]) -> None:
+        """Set the blend weight and the two passes' latent sizes (known once the native pass ran)."""
+        self.lam, self.native_latent, self.target_latent = float(lam), tuple(native_latent), tuple(target_latent)
+        self._grids.clear()
+
     def begin_capture(self, *, stop: bool, device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
         self.phase, self.stop_when_captured, self.capture_device = "capture", stop, device
         self.captured = {}
