@@ -35,7 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 import fam_kernels
 
-from .attention import AttentionModulation, FAMAttnProcessor, resolve_am_layers
+from .attention import AttentionModulation, install_processors, resolve_am_layers
 from .modes import AM_SOURCES, MODES, UPSAMPLE_MODES, Mode, choose, skip_residual_weight
 from .patches import Patches, patched, sigint_deferred
 from .sizes import Scale, _parse_scale
@@ -378,13 +378,6 @@ def _check_pipe(pipe) -> None:
         raise ValueError("pipe: guidance-distilled UNets (unet.config.time_cond_proj_dim set) are not supported")
 
 
-def _install_am(patches: Patches, unet, layers: Sequence[str], am: AttentionModulation) -> None:
-    for layer in layers:
-        module = unet.get_submodule(layer)
-        patches.set_processor(module, FAMAttnProcessor(layer, module.processor, am))
-    patches.on_restore(am.off)
-
-
 def _check_cfg_sequential(pipe, cfg_sequential) -> None:
     if not isinstance(cfg_sequential, bool):
         raise ValueError(f"cfg_sequential={cfg_sequential!r} must be True or False")
@@ -411,7 +404,7 @@ def record_native(pipe, *, am_source: Optional[str] = "recompute", am_layers: Un
     with patched() as patches:
         with sigint_deferred():
             if am_source == "cache":
-                _install_am(patches, pipe.unet, layers, am)
+                install_processors(patches, pipe.unet, layers, am)
             native.attach(patches, pipe_forward_needed=native.source is not None or cfg_sequential)
         yield native
 
@@ -470,7 +463,7 @@ def modulate(pipe, native: Union[NativeRun, torch.Tensor], *, scale: Scale = 2, 
     with patched() as patches:
         with sigint_deferred():
             if spec.attention_modulation:
-                _install_am(patches, pipe.unet, layers, am)
+                install_processors(patches, pipe.unet, layers, am)
             run.attach(patches, pipe_forward_needed=source is not None or cfg_sequential)
         yield run
 

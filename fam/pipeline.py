@@ -318,6 +318,9 @@ class FAMPipeline:
         if high_res_steps is not None:
             check_number("high_res_steps", high_res_steps, low=1, integer=True)
         start_step(high_res_steps or num_inference_steps, high_res_strength)
+        custom = [name for name in ("timesteps", "sigmas") if kwargs.get(name) is not None]
+        if high_res_steps is not None and custom:
+            raise ValueError(f"high_res_steps: not with {custom[0]} (the custom schedule sets both passes' steps)")
         if high_res_strength != 1.0 and not mode.native_pass:
             raise ValueError("high_res_strength: mode 'direct' has no native latent to start the high-res pass from")
         if vae_tiling is not None and not isinstance(vae_tiling, bool):

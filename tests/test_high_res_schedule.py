@@ -94,6 +94,7 @@ def test_recompute_and_cache_agree_with_fewer_high_res_steps(sdxl):
     ({"high_res_steps": 2.5}, r"high_res_steps=2.5 must be an int >= 1"),
     ({"high_res_strength": 0.1, "high_res_steps": 5}, r"high_res_strength=0.1 leaves no step of 5"),
     ({"high_res_strength": 0.5, "mode": "direct"}, r"high_res_strength: mode 'direct' has no native latent"),
+    ({"high_res_steps": 2, "timesteps": [999, 500]}, r"high_res_steps: not with timesteps"),
 ])
 def test_bad_values_are_refused_before_any_work(kwargs, message):
     pipe = tiny_sdxl_pipeline()

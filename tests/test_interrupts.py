@@ -22,6 +22,7 @@ from diffusers.models.attention_processor import Attention
 
 import fam
 import fam.attach
+import fam.attention
 import fam.patches
 from fam.attention import FAMAttnProcessor
 from fam.testing import tiny_sdxl_pipeline
@@ -58,7 +59,7 @@ def _code_objects(obj):
     return found
 
 
-TARGETS = (_code_objects(fam.patches) | _code_objects(fam.attach._install_am)
+TARGETS = (_code_objects(fam.patches) | _code_objects(fam.attention.install_processors)
            | _code_objects(fam.attach._Pass.attach) | _code_objects(fam.attach.record_native.__wrapped__)
            | _code_objects(fam.attach.modulate.__wrapped__) | _code_objects(Attention.set_processor))
 
