@@ -210,3 +210,15 @@ def test_ip_adapter_image_embeds(arch, scale):
     assert not torch.allclose(recompute.images, without.images, atol=1e-4)
     diffused = run(pipe, scale=scale, ip_adapter_image_embeds=embeds, am_source="diffused")
     assert torch.isfinite(diffused.images).all()
+
+
+@pytest.mark.parametrize("kind", ["img2img", "controlnet", "inpaint"])
+def test_model_cpu_offload_with_every_kind(kind):
+    """The img2img high-res pass runs on a text-to-image sibling built by from_pipe: the
+    offload hooks on the shared components must still drive it."""
+    kwargs = {key: value for key, value in kind_arguments(kind).items() if key != "mode"}
+    reference = run(tiny_pipeline(kind, "sdxl"), **kwargs)
+    pipe = tiny_pipeline(kind, "sdxl")
+    pipe.enable_model_cpu_offload(device="cpu")
+    out = run(pipe, **kwargs)
+    assert torch.equal(out.images, reference.images) and torch.equal(out.native_images, reference.native_images)
