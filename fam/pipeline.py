@@ -91,6 +91,20 @@ def resize_images(processor, image, size):
     return processor.resize(image, size[0], size[1])
 
 
+SUPPORTED = tuple(f"StableDiffusion{xl}{kind}Pipeline" for xl in ("", "XL") for kind in
+                  ("", "Img2Img", "Inpaint", "ControlNet", "ControlNetImg2Img", "PAG"))
+
+
+def _check_supported(pipe) -> None:
+    import diffusers
+
+    classes = tuple(getattr(diffusers, name) for name in SUPPORTED)
+    if not isinstance(pipe, classes):
+        raise ValueError(f"pipe: FAMPipeline wraps {', '.join(SUPPORTED)} (or what AutoPipeline returns for them), "
+                         f"got {type(pipe).__name__}; for another pipeline with callback_on_step_end, try the hook "
+                         "API (fam.record_native / fam.modulate)")
+
+
 class FAMPipeline:
     """Wraps a diffusers SD/SDXL pipeline; see ``__call__``."""
 
@@ -101,6 +115,7 @@ class FAMPipeline:
 
     def __init__(self, pipe):
         _check_pipe(pipe)
+        _check_supported(pipe)
         self.pipe = pipe
         self._current_pass: Optional[str] = None
         params = _parameters(pipe)

@@ -84,6 +84,20 @@ def test_unsupported_pipelines():
 
     with pytest.raises(ValueError, match="pipe: FAM needs a pipeline with a UNet2DConditionModel, got NotAPipeline"):
         FAMPipeline.from_pipe(NotAPipeline())
+    from diffusers import StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLInstructPix2PixPipeline
+
+    from fam.testing import tiny_controlnet
+
+    base = tiny_sdxl_pipeline()
+    untested = StableDiffusionXLControlNetInpaintPipeline(**base.components, controlnet=tiny_controlnet(base.unet))
+    with pytest.raises(ValueError, match="pipe: FAMPipeline wraps StableDiffusionPipeline, .* got "
+                                         "StableDiffusionXLControlNetInpaintPipeline; .* try the hook API"):
+        FAMPipeline.from_pipe(untested)
+    pix2pix = StableDiffusionXLInstructPix2PixPipeline(**{k: v for k, v in base.components.items()
+                                                          if k not in ("image_encoder", "feature_extractor")})
+    with pytest.raises(ValueError, match="pipe: StableDiffusionXLInstructPix2PixPipeline.__call__ has no "
+                                         "callback_on_step_end"):
+        FAMPipeline.from_pipe(pix2pix)
     distilled = tiny_sdxl_pipeline()
     distilled.unet.register_to_config(time_cond_proj_dim=8)
     with pytest.raises(ValueError, match="guidance-distilled UNets"):
