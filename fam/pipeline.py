@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import inspect
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -283,6 +283,7 @@ class FAMPipeline:
                 self._current_pass = "native"
                 with ExitStack() as stack:
                     stack.enter_context(vae_io.vae_tiling(self.pipe.vae, plan["tiling"][0]))
+                    stack.enter_context(_progress_label(self.pipe, "native", plan["sizes"].native))
                     native = stack.enter_context(record_native(
                         self.pipe, am_source=plan["am_source"] if mode_spec.attention_modulation else None,
                         am_layers=am_layers, am_cache_device=am_cache_device, cfg_sequential=cfg_sequential))
@@ -298,6 +299,7 @@ class FAMPipeline:
             high_res_pipe = plan["high_res_pipe"]
             with ExitStack() as stack:
                 stack.enter_context(vae_io.vae_tiling(self.pipe.vae, plan["tiling"][1]))
+                stack.enter_context(_progress_label(high_res_pipe, "high-res", plan["sizes"].target))
                 if mode_spec.native_pass:
                     stack.enter_context(modulate(
                         high_res_pipe, native if native is not None and high_res_pipe is self.pipe
@@ -529,6 +531,22 @@ class FAMPipeline:
             return latents
         image = vae_io.decode(self.pipe, latents, tiled=plan["tiling"][0])
         return self.pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+@contextmanager
+def _progress_label(pipe, name: str, size) -> Iterator[None]:
+    """Label the pass's progress bar "native HxW" / "high-res HxW" unless the user set a ``desc``."""
+    previous = pipe.__dict__.get("_progress_bar_config")
+    config = dict(previous or {})
+    config.setdefault("desc", f"{name} {size[0]}x{size[1]}")
+    pipe._progress_bar_config = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            pipe.__dict__.pop("_progress_bar_config", None)
+        else:
+            pipe._progress_bar_config = previous
 
 
 def _check_device(name: str, device) -> None:

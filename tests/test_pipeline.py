@@ -455,3 +455,16 @@ def test_num_images_per_prompt_and_custom_timesteps_are_forwarded(sdxl):
 
     run(sdxl, timesteps=[999, 500, 100], num_inference_steps=3, callback_on_step_end=record)
     assert seen == [(p, t) for p in ("native", "high_res") for t in (999.0, 500.0, 100.0)]
+
+
+def test_progress_bars_are_labelled_per_pass_unless_the_user_set_a_description(capsys):
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=False)
+    run(pipe, scale=(2, 4), num_inference_steps=1)
+    err = capsys.readouterr().err
+    assert "native 16x16" in err and "high-res 32x64" in err
+    assert pipe._progress_bar_config == {"disable": False}
+    pipe.set_progress_bar_config(disable=False, desc="mine")
+    run(pipe, num_inference_steps=1)
+    err = capsys.readouterr().err
+    assert "mine" in err and "native" not in err
