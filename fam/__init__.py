@@ -1,5 +1,6 @@
 """fam: the FAM diffusion sampler (Frequency + Attention Modulation, CVPR 2025) on
-diffusers. ``FAMPipeline.from_pipe(pipe)`` wraps an SDXL or SD 1.5/2.1 pipeline.
+diffusers. ``FAMPipeline.from_pipe(pipe)`` wraps an SDXL or SD 1.5/2.1 pipeline;
+``fam.record_native`` / ``fam.modulate`` attach FAM to a pipe's own calls.
 
 ``import fam`` is light: diffusers, torch and ``fam_kernels`` are imported on the
 first use of a name below (module ``__getattr__``, as diffusers' own ``__init__``
@@ -16,13 +17,16 @@ _LAZY = {
     "FAMPipeline": "fam.pipeline",
     "FAMPipelineOutput": "fam.pipeline",
     "__version__": "fam_kernels",
+    "modulate": "fam.attach",
+    "record_native": "fam.attach",
 }
 
-__all__ = ["FAMPipeline", "FAMPipelineOutput", "__version__"]
+__all__ = ["FAMPipeline", "FAMPipelineOutput", "modulate", "record_native", "__version__"]
 
 if TYPE_CHECKING:
     from fam_kernels import __version__
 
+    from .attach import modulate, record_native
     from .pipeline import FAMPipeline, FAMPipelineOutput
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import IO, Iterator
+from typing import IO, Iterator, Mapping
 
 
 def _umask() -> int:
@@ -34,12 +34,16 @@ def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
         raise
 
 
-def save_png(image, path: str, metadata: str | None = None, key: str = "fam", **save_options) -> None:
-    """Write a PIL image as PNG atomically, with ``metadata`` (text) under ``key``."""
+def save_png(image, path: str, metadata: str | None = None, key: str = "fam", *,
+             texts: Mapping[str, str] | None = None, **save_options) -> None:
+    """Write a PIL image as PNG atomically, with ``metadata`` (text) under ``key`` and
+    each of ``texts`` (key -> text) as a further text chunk."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     if metadata is not None:
         info.add_text(key, metadata)
+    for name, text in (texts or {}).items():
+        info.add_text(name, text)
     with atomic_open(path, "wb") as f:
         image.save(f, format="PNG", pnginfo=info, **save_options)

@@ -102,6 +102,11 @@ class AttentionModulation:
         self.native_inputs: Dict[str, torch.Tensor] = {}
         self._grids: Dict[Tuple[int, int], Tuple[Tuple[int, int], Tuple[int, int]]] = {}
 
+    def configure(self, lam: float, native_latent: Tuple[int, int], target_latent: Tuple[int, int]) -> None:
+        """Set the blend weight and the two passes' latent sizes (known once the native pass ran)."""
+        self.lam, self.native_latent, self.target_latent = float(lam), tuple(native_latent), tuple(target_latent)
+        self._grids.clear()
+
     def begin_capture(self, *, stop: bool, device: Optional[torch.device] = None) -> Dict[str, torch.Tensor]:
         self.phase, self.stop_when_captured, self.capture_device = "capture", stop, device
         self.captured = {}
@@ -208,20 +213,25 @@ class FAMAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+def install_processors(patches, unet, layers: Sequence[str], state: AttentionModulation) -> None:
+    """Put a :class:`FAMAttnProcessor` on ``layers``, registered in ``patches`` (a
+    :class:`fam.patches.Patches` undo log): restoring puts every original processor
+    object back and switches ``state`` off."""
+    for layer in layers:
+        module = unet.get_submodule(layer)
+        patches.set_processor(module, FAMAttnProcessor(layer, module.processor, state))
+    patches.on_restore(state.off)
+
+
 @contextmanager
 def installed_processors(unet, layers: Sequence[str], state: AttentionModulation):
-    """Put a :class:`FAMAttnProcessor` on ``layers`` for the duration of the block;
-    afterwards every layer has its original processor object back."""
-    originals = unet.attn_processors
-    replaced = dict(originals)
-    for layer in layers:
-        key = layer + _PROCESSOR_SUFFIX
-        replaced[key] = FAMAttnProcessor(layer, originals[key], state)
-    unet.set_attn_processor(replaced)  # set_attn_processor pops from the dict it is given
-    try:
+    """:func:`install_processors` for the duration of the block (interrupt-safe)."""
+    from .patches import patched, sigint_deferred
+
+    with patched() as patches:
+        with sigint_deferred():
+            install_processors(patches, unet, layers, state)
         yield
-    finally:
-        unet.set_attn_processor(dict(originals))
 
 
 # --------------------------------------------------------------------------- native inputs

@@ -1,45 +1,52 @@
-"""FAMPipeline: FAM diffusion high-resolution sampling on top of an existing
-diffusers StableDiffusionXLPipeline or StableDiffusionPipeline (SD 1.5/2.1).
+"""FAMPipeline: FAM diffusion high-resolution sampling on top of an existing diffusers
+SD 1.5/2.1 or SDXL pipeline (text-to-image, img2img, inpaint, ControlNet, PAG).
 
-One call = a native pass (standard generation at the model's size) and a high-res
-pass started from the upsampled, re-noised native latent, with Frequency Modulation
-(``fam_kernels.lowpass_blend``) before every UNet call and Attention Modulation
-(``fam_kernels.am_attention``) in the chosen self-attention layers. The wrapped
-pipeline is never modified: the schedulers used are fresh copies, the AM processors
-and VAE settings are installed for the call only and restored in ``finally``.
+One call = two calls of the wrapped pipeline's own ``__call__``: the native pass
+(its standard generation at the model's size, recorded by :func:`fam.record_native`)
+and the high-res pass at the target size with FAM attached by :func:`fam.modulate`
+(start from the diffused upsampled native latent, Frequency Modulation after every
+scheduler step, Attention Modulation in the chosen self-attention layers). Every
+argument FAM does not own is forwarded to both passes; what must differ per pass
+(sizes, SDXL size conditioning, img2img's init image) is adjusted. Nothing of the
+wrapped pipeline is changed after the call.
 """
 
 from __future__ import annotations
 
 import inspect
-from contextlib import ExitStack
+import os
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
-
-import fam_kernels
 
 from . import vae as vae_io
-from .attention import (
-    AttentionModulation,
-    NativeAttentionCache,
-    installed_processors,
-    recompute_native_inputs,
-    resolve_am_layers,
+from .attach import (
+    FAM_TENSOR_INPUTS,
+    _check_pipe,
+    check_number,
+    check_strength,
+    modulate,
+    record_native,
+    start_step,
 )
-from .guidance import GuidedUNet, TextConditioning
-from .modes import AM_SOURCES, MODES, UPSAMPLE_MODES, Mode, choose, skip_residual_weight
+from .attention import resolve_am_layers
+from .modes import AM_SOURCES, MODES, UPSAMPLE_MODES, Mode, choose
 from .sizes import Scale, Sizes, resolve_sizes
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "reference_latents", "modulated_latents")
+# arguments of the wrapped pipeline that FAM sets itself in each pass
+OWNED = ("height", "width", "latents", "callback_on_step_end", "callback_on_step_end_tensor_inputs", "output_type",
+         "return_dict", "num_inference_steps", "generator", "prompt")
+# img2img / inpaint arguments that only the native pass takes (the high-res pass starts from z~_T)
+NATIVE_ONLY = ("strength", "denoising_start", "aesthetic_score", "negative_aesthetic_score")
+SIZE_CONDITIONING = ("original_size", "target_size", "crops_coords_top_left", "negative_original_size",
+                     "negative_target_size", "negative_crops_coords_top_left")
 
 
 @dataclass
@@ -52,43 +59,50 @@ class FAMPipelineOutput(BaseOutput):
     am_cache_bytes: Optional[int] = None
 
 
-def _fresh_scheduler(template, num_inference_steps: int, device):
-    """A copy of the wrapped pipeline's scheduler with its own timesteps and step index."""
-    scheduler = template.__class__.from_config(template.config)
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
-    return scheduler
+def _parameters(pipe) -> Dict[str, inspect.Parameter]:
+    return dict(inspect.signature(type(pipe).__call__).parameters)
 
 
-class _Noiser:
-    """x_t = add_noise(x0, noise, t_i) at step i of a schedule. Sigma-based schedulers
-    pick the noise level from their begin/step index rather than from t, so a private,
-    never-stepped copy is pointed at step i before each call."""
-
-    def __init__(self, template, num_inference_steps: int, device):
-        self.scheduler = _fresh_scheduler(template, num_inference_steps, device)
-
-    def at(self, step: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(step)
-        t = self.scheduler.timesteps[step].reshape(1).repeat(x0.shape[0])
-        return self.scheduler.add_noise(x0, noise, t)
-
-
-def _step_kwargs(scheduler, generator, eta: float) -> Dict[str, Any]:
-    params = inspect.signature(scheduler.step).parameters
-    kwargs = {}
-    if "eta" in params:
-        kwargs["eta"] = eta
-    if "generator" in params:
-        kwargs["generator"] = generator
-    return kwargs
+def image_size(image) -> Tuple[int, int]:
+    """(height, width) of what diffusers accepts as an image: PIL, numpy (H, W, C) /
+    (B, H, W, C), torch (C, H, W) / (B, C, H, W), or a list of them."""
+    if isinstance(image, (list, tuple)):
+        if not image:
+            raise ValueError("image: an empty list")
+        image = image[0]
+    if isinstance(image, PIL.Image.Image):
+        return image.height, image.width
+    if isinstance(image, np.ndarray) and image.ndim in (3, 4):
+        return tuple(image.shape[-3:-1]) if image.shape[-1] in (1, 3, 4) else tuple(image.shape[-2:])
+    if torch.is_tensor(image) and image.ndim in (3, 4):
+        return tuple(image.shape[-2:])
+    raise ValueError(f"image: expected a PIL image, a numpy array, a tensor or a list of them, got "
+                     f"{type(image).__name__}")
 
 
-def _upsample_latent(latent: torch.Tensor, size, mode: str) -> torch.Tensor:
-    extra = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-    return F.interpolate(latent.float(), size=tuple(size), mode=mode, **extra).to(latent.dtype)
+def resize_images(processor, image, size):
+    """``image`` (or each of a list) resized to (height, width), in the form and value range it came in."""
+    if isinstance(image, (list, tuple)):
+        return [resize_images(processor, item, size) for item in image]
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        return processor.resize(image[None], size[0], size[1])[0]
+    if torch.is_tensor(image) and image.ndim == 3:
+        return processor.resize(image[None], size[0], size[1])[0]
+    return processor.resize(image, size[0], size[1])
+
+
+SUPPORTED = tuple(f"StableDiffusion{xl}{kind}Pipeline" for xl in ("", "XL") for kind in
+                  ("", "Img2Img", "Inpaint", "ControlNet", "ControlNetImg2Img", "PAG"))
+
+
+def _check_supported(pipe) -> None:
+    import diffusers
+
+    classes = tuple(getattr(diffusers, name) for name in SUPPORTED)
+    if not isinstance(pipe, classes):
+        raise ValueError(f"pipe: FAMPipeline wraps {', '.join(SUPPORTED)} (or what AutoPipeline returns for them), "
+                         f"got {type(pipe).__name__}; for another pipeline with callback_on_step_end, try the hook "
+                         "API (fam.record_native / fam.modulate)")
 
 
 class FAMPipeline:
@@ -96,20 +110,19 @@ class FAMPipeline:
 
     # decode with VAE tiling when the image has more pixels than this (vae_tiling=None)
     auto_tiling_min_pixels = 2 * 1024 * 1024
+    # refuse a call whose high-res latents (times this many live copies) exceed the free memory
+    latent_copies = 8
 
     def __init__(self, pipe):
-        if not isinstance(pipe, (StableDiffusionXLPipeline, StableDiffusionPipeline)):
-            raise ValueError(
-                f"pipe: FAMPipeline wraps a StableDiffusionXLPipeline or StableDiffusionPipeline, got "
-                f"{type(pipe).__name__}"
-            )
-        if pipe.unet.config.time_cond_proj_dim is not None:
-            raise ValueError("pipe: guidance-distilled UNets (unet.config.time_cond_proj_dim set) are not supported")
+        _check_pipe(pipe)
+        _check_supported(pipe)
         self.pipe = pipe
-        self._interrupt = False
-        self._guidance_scale = 1.0
-        self._num_timesteps = 0
         self._current_pass: Optional[str] = None
+        params = _parameters(pipe)
+        self.has_image = "image" in params
+        self.is_img2img = "strength" in params and "mask_image" not in params
+        self.is_inpaint = "mask_image" in params
+        self.has_controlnet = getattr(pipe, "controlnet", None) is not None
 
     @classmethod
     def from_pipe(cls, pipe) -> "FAMPipeline":
@@ -134,32 +147,41 @@ class FAMPipeline:
         return self.pipe.scheduler
 
     @property
+    def components(self) -> Dict[str, Any]:
+        return self.pipe.components
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.dtype
+
+    @property
     def is_sdxl(self) -> bool:
-        return isinstance(self.pipe, StableDiffusionXLPipeline)
-
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
+        return "text_encoder_2" in self.pipe.components
 
     @property
     def interrupt(self) -> bool:
-        return self._interrupt
+        return bool(getattr(self.pipe, "_interrupt", False))
 
     @property
     def current_pass(self) -> Optional[str]:
-        """"native" or "high_res" while a call runs (for callbacks), else None."""
+        """"native" or "high_res" while a call runs, else None."""
         return self._current_pass
+
+    def enable_vae_tiling(self):
+        self.pipe.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        self.pipe.vae.disable_tiling()
 
     def enable_model_cpu_offload(self, *args, **kwargs):
         return self.pipe.enable_model_cpu_offload(*args, **kwargs)
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        return self.pipe.enable_sequential_cpu_offload(*args, **kwargs)
 
     def set_progress_bar_config(self, **kwargs):
         return self.pipe.set_progress_bar_config(**kwargs)
@@ -183,13 +205,6 @@ class FAMPipeline:
         self,
         prompt: Union[str, List[str], None] = None,
         *,
-        negative_prompt: Union[str, List[str], None] = None,
-        prompt_2: Union[str, List[str], None] = None,
-        negative_prompt_2: Union[str, List[str], None] = None,
-        prompt_embeds: Optional[torch.Tensor] = None,
-        negative_prompt_embeds: Optional[torch.Tensor] = None,
-        pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
         image=None,
         scale: Optional[Scale] = None,
         height: Optional[int] = None,
@@ -197,9 +212,6 @@ class FAMPipeline:
         native_height: Optional[int] = None,
         native_width: Optional[int] = None,
         num_inference_steps: int = 50,
-        guidance_scale: Optional[float] = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
         generator: Union[torch.Generator, List[torch.Generator], None] = None,
         mode: str = "fam",
         fm_c: float = 0.5,
@@ -210,305 +222,356 @@ class FAMPipeline:
         upsample: str = "bicubic",
         vae_tiling: Optional[bool] = None,
         cfg_sequential: bool = False,
+        high_res_strength: float = 1.0,
+        high_res_steps: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Optional[Callable] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Optional[Sequence[str]] = None,
+        **kwargs,
     ):
         """Generate at the native size, then at ``scale`` x the native size with FAM.
 
         Sizes: ``scale`` (int or (s_h, s_w), default 2) or target ``height``/``width``;
-        ``native_height``/``native_width`` default to the model's sample size (with
-        ``image``, to the image's size). ``mode``: "fam", "fm", "am", "skip_residual",
-        "direct_native" or "direct". ``am_source``: "recompute" (default), "cache"
-        (``am_cache_device="cpu"`` keeps it off the accelerator) or "diffused" (the
-        only one with ``image``). ``cfg_sequential`` runs the two guidance halves one
-        after the other. ``vae_tiling``: None tiles above ``auto_tiling_min_pixels``.
-        Callbacks get ``(self, step, t, tensors)`` in both passes (``self.current_pass``
-        tells which) and may return a new "latents"; "reference_latents" (z~_t) and
-        "modulated_latents" (the latent after FM/skip residual) are given in the
-        high-res pass and None in the native one.
+        ``native_height``/``native_width`` default to the model's sample size (with an
+        init or start ``image``, to the image's size rounded to a valid size).
+        ``mode``: "fam", "fm", "am", "skip_residual", "direct_native" or "direct".
+        ``am_source``: "recompute" (default), "cache" (``am_cache_device="cpu"`` keeps it
+        off the accelerator) or "diffused" (the only one without a native trajectory of
+        the same schedule: img2img, inpaint, a start ``image``). ``cfg_sequential`` runs
+        the two guidance halves one after the other. ``vae_tiling``: None tiles above
+        ``auto_tiling_min_pixels``.
+
+        Shortened high-res pass (defaults: the paper): ``high_res_strength`` s in (0, 1]
+        starts the high-res pass where its schedule has int(N s) of its N steps left, from
+        z~ at that step (diffusers' img2img ``strength`` rule); ``high_res_steps`` is N for
+        the high-res schedule (default ``num_inference_steps``; the native pass keeps
+        ``num_inference_steps``). With different schedules AM uses, for each high-res
+        step, the native step with the nearest timestep ("diffused": z~ at the step itself).
+
+        ``image`` means what the wrapped pipeline means by it (img2img/inpaint init
+        picture, ControlNet control image); on a text-to-image pipeline it is FAM's
+        start picture (used instead of the native pass). Every other keyword is the
+        wrapped pipeline's own and goes to both passes; SDXL ``original_size`` /
+        ``target_size`` / crops given for the native pass are scaled for the high-res one.
+
+        Callbacks get ``(pipe, step, t, tensors)`` in both passes (``pipe.fam_pass`` tells
+        which; in the high-res pass "latents" are already modulated for the next step)
+        and may return new tensors; "reference_latents" / "modulated_latents" may be
+        requested besides the pipe's own tensor inputs.
 
         Returns :class:`FAMPipelineOutput`, or ``(images, native_images)``.
         """
-        mode_spec = self._check_mode(mode, upsample, output_type, fm_c, am_lambda, num_inference_steps)
-        am_source = self._check_am_source(am_source, image, mode_spec)
-        layers = resolve_am_layers(self.pipe.unet, am_layers) if mode_spec.attention_modulation else []
-        sizes = self._resolve_sizes(scale, height, width, native_height, native_width, image)
-        self._check_callback_inputs(callback_on_step_end_tensor_inputs)
-        if image is not None and not mode_spec.native_pass:
-            raise ValueError("image: mode 'direct' ignores the native image; choose another mode")
-        batch_size = self._check_prompt(prompt, prompt_2, prompt_embeds, negative_prompt_embeds,
-                                        pooled_prompt_embeds, negative_pooled_prompt_embeds) * num_images_per_prompt
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {batch_size}")
-
-        self._guidance_scale = float(guidance_scale if guidance_scale is not None else (5.0 if self.is_sdxl else 7.5))
-        self._interrupt = False
-        device = self.pipe._execution_device
-        run = _Run(self, sizes=sizes, mode=mode_spec, steps=num_inference_steps, generator=generator,
-                   eta=eta, device=device, dtype=self.pipe.unet.dtype, batch_size=batch_size,
-                   fm_c=fm_c, upsample=upsample, am_source=am_source,
-                   callback=callback_on_step_end, callback_inputs=tuple(callback_on_step_end_tensor_inputs))
+        choose("mode", mode, tuple(MODES))
+        mode_spec = MODES[mode]
+        plan = self._plan(prompt=prompt, image=image, scale=scale, height=height, width=width,
+                          native_height=native_height, native_width=native_width,
+                          num_inference_steps=num_inference_steps, generator=generator, mode=mode_spec, fm_c=fm_c,
+                          am_lambda=am_lambda, am_layers=am_layers, am_source=am_source,
+                          am_cache_device=am_cache_device, upsample=upsample, vae_tiling=vae_tiling,
+                          cfg_sequential=cfg_sequential, output_type=output_type,
+                          high_res_strength=high_res_strength, high_res_steps=high_res_steps,
+                          callback_inputs=callback_on_step_end_tensor_inputs, callback=callback_on_step_end,
+                          kwargs=kwargs)
         try:
-            run.text = self._encode_prompt(device, num_images_per_prompt, prompt, prompt_2, negative_prompt,
-                                           negative_prompt_2, prompt_embeds, negative_prompt_embeds,
-                                           pooled_prompt_embeds, negative_pooled_prompt_embeds)
-            native_unet = self._guided_unet(run.text, sizes.native, batch_size, device, cfg_sequential)
-            high_res_unet = self._guided_unet(run.text, sizes.target, batch_size, device, cfg_sequential)
+            native_images = native_latent = cache_bytes = None
+            native = None
+            if plan["start_image"] is not None:
+                native_latent = self._encode_start_image(plan)
+                native_images = self._start_image_output(plan, native_latent, output_type)
+            elif mode_spec.native_pass:
+                self._current_pass = "native"
+                with ExitStack() as stack:
+                    stack.enter_context(vae_io.vae_tiling(self.pipe.vae, plan["tiling"][0]))
+                    stack.enter_context(_progress_label(self.pipe, "native", plan["sizes"].native))
+                    native = stack.enter_context(record_native(
+                        self.pipe, am_source=plan["am_source"] if mode_spec.attention_modulation else None,
+                        am_layers=am_layers, am_cache_device=am_cache_device, cfg_sequential=cfg_sequential))
+                    native_out = self.pipe(**plan["native_kwargs"], return_dict=True)
+                native_images = native_out.images
+                native_latent = native.latents
+                if native.source is not None:
+                    cache_bytes = native.source.nbytes
+                if self.interrupt or native_latent is None:  # interrupted: no high-res pass
+                    return self._output(None, native_images, cache_bytes, return_dict)
+
+            self._current_pass = "high_res"
+            high_res_pipe = plan["high_res_pipe"]
             with ExitStack() as stack:
-                if mode_spec.attention_modulation:
-                    run.am = AttentionModulation(layers, am_lambda, sizes.native_latent, sizes.target_latent)
-                    stack.enter_context(installed_processors(self.pipe.unet, layers, run.am))
-                    if am_source == "cache":
-                        cache_device = torch.device(am_cache_device) if am_cache_device is not None else None
-                        run.cache = NativeAttentionCache(run.am, cache_device)
-
-                native_latent = high_res_latent = None
-                if image is not None:
-                    native_latent = self._encode_image(image, sizes, device)
-                elif mode_spec.native_pass:
-                    native_latent = run.native_pass(native_unet)
-                if not self._interrupt:  # an interrupt during the native pass skips the high-res pass
-                    high_res_latent = run.high_res_pass(high_res_unet, native_latent, native_unet)
-
-            images = self._decode(high_res_latent, sizes.target, output_type, vae_tiling, device)
-            native_images = self._decode(native_latent, sizes.native, output_type, vae_tiling, device)
+                stack.enter_context(vae_io.vae_tiling(self.pipe.vae, plan["tiling"][1]))
+                stack.enter_context(_progress_label(high_res_pipe, "high-res", plan["sizes"].target))
+                if mode_spec.native_pass:
+                    stack.enter_context(modulate(
+                        high_res_pipe, native if native is not None and high_res_pipe is self.pipe
+                        and plan["am_source"] != "diffused" else native_latent,
+                        scale=plan["sizes"].scale, mode=mode_spec.name, fm_c=fm_c, am_lambda=am_lambda,
+                        am_layers=am_layers if native is None or plan["am_source"] == "diffused" else None,
+                        upsample=upsample, cfg_sequential=cfg_sequential,
+                        high_res_strength=high_res_strength))
+                images = high_res_pipe(**plan["high_res_kwargs"], return_dict=True).images
         finally:
             self._current_pass = None
-            self.pipe.maybe_free_model_hooks()
+        return self._output(images, native_images, cache_bytes, return_dict)
 
+    @staticmethod
+    def _output(images, native_images, cache_bytes, return_dict):
         if not return_dict:
             return images, native_images
-        return FAMPipelineOutput(images=images, native_images=native_images,
-                                 am_cache_bytes=None if run.cache is None else run.cache.nbytes)
+        return FAMPipelineOutput(images=images, native_images=native_images, am_cache_bytes=cache_bytes)
 
-    # ---------------------------------------------------------------- validation
-    @staticmethod
-    def _check_mode(mode, upsample, output_type, fm_c, am_lambda, num_inference_steps) -> Mode:
-        choose("mode", mode, tuple(MODES))
+    # ---------------------------------------------------------------- planning + validation
+    def _plan(self, *, prompt, image, scale, height, width, native_height, native_width, num_inference_steps,
+              generator, mode: Mode, fm_c, am_lambda, am_layers, am_source, am_cache_device, upsample, vae_tiling,
+              cfg_sequential, output_type, callback_inputs, callback, kwargs, high_res_strength=1.0,
+              high_res_steps=None) -> Dict[str, Any]:
+        """Validate every argument and build both passes' keyword arguments, before any work."""
+        pipe, params = self.pipe, _parameters(self.pipe)
         choose("upsample", upsample, UPSAMPLE_MODES)
         choose("output_type", output_type, OUTPUT_TYPES)
-        if not (isinstance(fm_c, (int, float)) and fm_c >= 0):
-            raise ValueError(f"fm_c={fm_c!r} must be a number >= 0")
-        if not (isinstance(am_lambda, (int, float)) and 0 <= am_lambda <= 1):
-            raise ValueError(f"am_lambda={am_lambda!r} must be in [0, 1]")
-        if not (isinstance(num_inference_steps, int) and num_inference_steps >= 1):
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an int >= 1")
-        return MODES[mode]
+        check_number("fm_c", fm_c, low=0.0)
+        check_number("am_lambda", am_lambda, low=0.0, high=1.0)
+        check_number("num_inference_steps", num_inference_steps, low=1, integer=True)
+        check_strength(high_res_strength)
+        if high_res_steps is not None:
+            check_number("high_res_steps", high_res_steps, low=1, integer=True)
+        start_step(high_res_steps or num_inference_steps, high_res_strength)
+        custom = [name for name in ("timesteps", "sigmas") if kwargs.get(name) is not None]
+        if high_res_steps is not None and custom:
+            raise ValueError(f"high_res_steps: not with {custom[0]} (the custom schedule sets both passes' steps)")
+        if high_res_strength != 1.0 and not mode.native_pass:
+            raise ValueError("high_res_strength: mode 'direct' has no native latent to start the high-res pass from")
+        if vae_tiling is not None and not isinstance(vae_tiling, bool):
+            raise ValueError(f"vae_tiling={vae_tiling!r} must be None, True or False")
+        if not isinstance(cfg_sequential, bool):
+            raise ValueError(f"cfg_sequential={cfg_sequential!r} must be True or False")
+        if "guidance_scale" in kwargs:
+            check_number("guidance_scale", kwargs["guidance_scale"])
+        images_per_prompt = kwargs.get("num_images_per_prompt", 1)
+        check_number("num_images_per_prompt", images_per_prompt, low=1, integer=True)
+        unknown = sorted(name for name in kwargs if name not in params or name in OWNED)
+        if unknown:
+            owned = [name for name in unknown if name in OWNED]
+            raise ValueError(f"{', '.join(unknown)}: " + ("set by FAM per pass" if owned else
+                             f"not an argument of {type(pipe).__name__}"))
+        batch = self._check_prompt(prompt, kwargs) * images_per_prompt
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {batch}")
 
-    @staticmethod
-    def _check_am_source(am_source, image, mode: Mode) -> str:
+        # what `image` is
+        start_image = None
+        if image is not None:
+            if self.has_image:
+                kwargs = {**kwargs, "image": image}
+            else:
+                if not mode.native_pass:
+                    raise ValueError("image: mode 'direct' ignores the native image; choose another mode")
+                start_image = image
+        init_image = kwargs.get("image") if (self.is_img2img or self.is_inpaint) else None
+        if (self.is_img2img or self.is_inpaint) and init_image is None:
+            raise ValueError(f"image: {type(pipe).__name__} needs an init image")
+        if self.has_controlnet and kwargs.get("control_image" if "control_image" in params else "image") is None:
+            raise ValueError("image / control_image: a ControlNet pipeline needs a control image")
+
+        # AM source and layers
+        needs_diffused = start_image is not None or self.is_img2img or self.is_inpaint
         if am_source is not None:
             choose("am_source", am_source, AM_SOURCES)
-        if image is None:
-            return am_source or "recompute"
-        if am_source not in (None, "diffused") and mode.attention_modulation:
-            raise ValueError(f"am_source={am_source!r} needs the native denoising trajectory; with image= only "
-                             f"'diffused' is available")
-        return "diffused"
+        if mode.attention_modulation:
+            if needs_diffused and am_source not in (None, "diffused"):
+                raise ValueError(f"am_source={am_source!r} needs the native denoising trajectory of the same "
+                                 "schedule; with an init/start image only 'diffused' is available")
+            am_source = "diffused" if needs_diffused else (am_source or "recompute")
+            if am_source == "diffused" and self.has_controlnet:
+                raise ValueError("am_source='diffused' with a ControlNet (img2img ControlNet pipelines need it): the "
+                                 "native ControlNet residuals of the diffused latents are not available; use "
+                                 "mode='fm' or a text-to-image ControlNet pipeline with am_source 'recompute'/'cache'")
+            resolve_am_layers(pipe.unet, am_layers)
+        else:
+            if am_layers is not None:
+                raise ValueError(f"am_layers: mode {mode.name!r} has no Attention Modulation")
+            if am_source is not None:
+                raise ValueError(f"am_source: mode {mode.name!r} has no Attention Modulation")
+        if am_cache_device is not None:
+            if am_source != "cache":
+                raise ValueError(f"am_cache_device: only with am_source='cache' (got am_source={am_source!r})")
+            _check_device("am_cache_device", am_cache_device)
+        if cfg_sequential and hasattr(pipe, "pag_scale"):
+            raise ValueError("cfg_sequential: not with PAG pipelines (their attention processors need the whole batch)")
+
+        # sizes
+        sizes = self._resolve_sizes(scale, height, width, native_height, native_width,
+                                    start_image if start_image is not None else init_image)
+        self._check_memory(sizes, batch, mode)
+        tiling = tuple(vae_tiling if vae_tiling is not None else px[0] * px[1] > self.auto_tiling_min_pixels
+                       for px in (sizes.native, sizes.target))
+
+        # callbacks
+        accepted = list(getattr(pipe, "_callback_tensor_inputs", ["latents"])) + list(FAM_TENSOR_INPUTS)
+        requested = list(getattr(callback, "tensor_inputs", None) or callback_inputs or ["latents"])
+        bad = [name for name in requested if name not in accepted]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {bad} not in {accepted}")
+        if callback is not None and not callable(callback):
+            raise ValueError("callback_on_step_end: must be callable")
+
+        common = {"prompt": prompt, "num_inference_steps": num_inference_steps, "generator": generator,
+                  "output_type": output_type, "callback_on_step_end": callback,
+                  "callback_on_step_end_tensor_inputs": callback_inputs, **kwargs}
+        native_kwargs = self._native_kwargs(common, sizes, init_image)
+        high_res_pipe, high_res_kwargs = self._high_res_kwargs(
+            {**common, "num_inference_steps": high_res_steps or num_inference_steps}, sizes, mode)
+        return {"sizes": sizes, "native_kwargs": native_kwargs, "high_res_pipe": high_res_pipe,
+                "high_res_kwargs": high_res_kwargs, "am_source": am_source, "tiling": tiling,
+                "start_image": start_image, "batch": batch, "images_per_prompt": images_per_prompt,
+                "generator": generator}
+
+    def _check_prompt(self, prompt, kwargs) -> int:
+        embeds = kwargs.get("prompt_embeds")
+        if (prompt is None) == (embeds is None):
+            raise ValueError("prompt / prompt_embeds: give exactly one of them")
+        if self.is_sdxl and embeds is not None and kwargs.get("pooled_prompt_embeds") is None:
+            raise ValueError("pooled_prompt_embeds: required with prompt_embeds for SDXL")
+        if self.is_sdxl and kwargs.get("negative_prompt_embeds") is not None and \
+                kwargs.get("negative_pooled_prompt_embeds") is None:
+            raise ValueError("negative_pooled_prompt_embeds: required with negative_prompt_embeds for SDXL")
+        if prompt is None:
+            return embeds.shape[0]
+        if isinstance(prompt, str):
+            return 1
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
+            raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r:.80}")
+        return len(prompt)
 
     def _resolve_sizes(self, scale, height, width, native_height, native_width, image) -> Sizes:
         default_h, default_w = self.default_native_size
+        step = self.pipe.vae_scale_factor * self.unet_downsampling
         if image is not None:
-            default_h, default_w = self.pipe.image_processor.get_default_height_width(image)
+            h, w = image_size(image)
+            default_h, default_w = (max(step, int(round(side / step)) * step) for side in (h, w))
         return resolve_sizes(scale=scale, height=height, width=width,
                              native_height=default_h if native_height is None else native_height,
                              native_width=default_w if native_width is None else native_width,
                              vae_scale_factor=self.pipe.vae_scale_factor, unet_downsampling=self.unet_downsampling)
 
-    @staticmethod
-    def _check_callback_inputs(names) -> None:
-        unknown = [name for name in names if name not in CALLBACK_TENSOR_INPUTS]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not in {list(CALLBACK_TENSOR_INPUTS)}")
+    def _check_memory(self, sizes: Sizes, batch: int, mode: Mode) -> None:
+        channels = self.pipe.unet.config.in_channels
+        element = torch.finfo(self.pipe.unet.dtype).bits // 8
+        H, W = sizes.target_latent
+        needed = self.latent_copies * batch * channels * H * W * max(element, 4)
+        device = self.pipe._execution_device
+        free = _free_memory(device)
+        if free is not None and needed > free:
+            raise ValueError(f"height/width: the {sizes.target[0]}x{sizes.target[1]} target needs about "
+                             f"{needed / 2**30:.1f} GiB for its latents alone ({self.latent_copies} copies of "
+                             f"{batch}x{channels}x{H}x{W}), more than the {free / 2**30:.1f} GiB free on {device}")
 
-    def _check_prompt(self, prompt, prompt_2, prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) -> int:
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("prompt / prompt_embeds: give exactly one of them")
-        if not self.is_sdxl and (prompt_2 is not None or pooled is not None or negative_pooled is not None):
-            raise ValueError("prompt_2 / pooled_prompt_embeds: only for SDXL pipelines")
-        if self.is_sdxl and prompt_embeds is not None and pooled is None:
-            raise ValueError("pooled_prompt_embeds: required with prompt_embeds for SDXL")
-        if self.is_sdxl and negative_prompt_embeds is not None and negative_pooled is None:
-            raise ValueError("negative_pooled_prompt_embeds: required with negative_prompt_embeds for SDXL")
-        if prompt is not None and not isinstance(prompt, (str, list)):
-            raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
-        if prompt is None:
-            return prompt_embeds.shape[0]
-        return 1 if isinstance(prompt, str) else len(prompt)
+    # ---------------------------------------------------------------- per-pass arguments
+    def _scaled_size_conditioning(self, common, factors) -> Dict[str, Any]:
+        changes = {}
+        for name in SIZE_CONDITIONING:
+            value = common.get(name)
+            if value is not None:
+                changes[name] = (int(value[0] * factors[0]), int(value[1] * factors[1]))
+        return changes
 
-    # ---------------------------------------------------------------- conditioning
-    def _encode_prompt(self, device, num_images_per_prompt, prompt, prompt_2, negative_prompt, negative_prompt_2,
-                       prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) -> TextConditioning:
-        cfg = self.do_classifier_free_guidance
-        if self.is_sdxl:
-            embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
-                prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=num_images_per_prompt,
-                do_classifier_free_guidance=cfg, negative_prompt=negative_prompt,
-                negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled,
-                negative_pooled_prompt_embeds=negative_pooled)
-        else:
-            embeds, negative = self.pipe.encode_prompt(
-                prompt, device, num_images_per_prompt, cfg, negative_prompt=negative_prompt,
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
-            pooled = negative_pooled = None
-        if not cfg:
-            negative = negative_pooled = None
-        moved = [None if x is None else x.to(device) for x in (embeds, negative, pooled, negative_pooled)]
-        return TextConditioning(*moved)
+    def _native_kwargs(self, common, sizes: Sizes, init_image) -> Dict[str, Any]:
+        params = _parameters(self.pipe)
+        native = {name: value for name, value in common.items() if value is not None or name == "prompt"}
+        if "height" in params:
+            native["height"], native["width"] = sizes.native
+        elif init_image is not None:  # img2img without height/width: the init image at the native size
+            native["image"] = resize_images(self.pipe.image_processor, init_image, sizes.native)
+        return native
 
-    def _guided_unet(self, text: TextConditioning, size_px, batch_size, device, sequential) -> GuidedUNet:
-        time_ids = None
-        if self.is_sdxl:
-            if self.pipe.text_encoder_2 is None:
-                projection_dim = int(text.pooled_prompt_embeds.shape[-1])
-            else:
-                projection_dim = self.pipe.text_encoder_2.config.projection_dim
-            time_ids = self.pipe._get_add_time_ids(tuple(size_px), (0, 0), tuple(size_px),
-                                                   dtype=text.prompt_embeds.dtype,
-                                                   text_encoder_projection_dim=projection_dim)
-            time_ids = time_ids.to(device).repeat(batch_size, 1)
-        return GuidedUNet(self.pipe.unet, text, self._guidance_scale, sequential=sequential, time_ids=time_ids)
+    def _high_res_kwargs(self, common, sizes: Sizes, mode: Mode):
+        pipe = self.pipe
+        high_res_pipe = pipe
+        if self.is_img2img:
+            from diffusers import AutoPipelineForText2Image
 
-    # ---------------------------------------------------------------- VAE
-    def _encode_image(self, image, sizes: Sizes, device) -> torch.Tensor:
-        pixels = self.pipe.image_processor.preprocess(image, height=sizes.native[0], width=sizes.native[1])
-        return vae_io.encode(self.pipe, pixels.to(device)).to(self.pipe.unet.dtype)
+            high_res_pipe = AutoPipelineForText2Image.from_pipe(pipe)
+            high_res_pipe.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+        params = _parameters(high_res_pipe)
+        out = {name: value for name, value in common.items() if value is not None or name == "prompt"}
+        if self.is_img2img:
+            out.pop("image", None)
+            if "control_image" in out:
+                out["image"] = out.pop("control_image")
+        if self.is_inpaint:
+            out["strength"] = 1.0
+        for name in NATIVE_ONLY:
+            if name in out and name not in params:
+                out.pop(name)
+        out.update(self._scaled_size_conditioning(common, sizes.scale))
+        if not mode.native_pass:
+            out["height"], out["width"] = sizes.target
+        missing = sorted(name for name in out if name not in params)
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: cannot be honoured in the high-res pass "
+                             f"({type(high_res_pipe).__name__})")
+        return high_res_pipe, out
 
-    def _decode(self, latents, size_px, output_type, vae_tiling, device):
-        if latents is None or output_type == "latent":
+    # ---------------------------------------------------------------- start image (text-to-image pipes)
+    def _encode_start_image(self, plan) -> torch.Tensor:
+        sizes, device = plan["sizes"], self.pipe._execution_device
+        pixels = self.pipe.image_processor.preprocess(plan["start_image"], height=sizes.native[0],
+                                                      width=sizes.native[1])
+        latents = vae_io.encode(self.pipe, pixels.to(device)).to(self.pipe.unet.dtype)
+        batch = plan["batch"]
+        if latents.shape[0] == 1 and batch > 1:
+            latents = latents.repeat(batch, 1, 1, 1)
+        elif latents.shape[0] * plan["images_per_prompt"] == batch:
+            latents = latents.repeat_interleave(plan["images_per_prompt"], dim=0)
+        if latents.shape[0] != batch:
+            raise ValueError(f"image: {latents.shape[0]} start images for a batch of {batch}")
+        return latents
+
+    def _start_image_output(self, plan, latents, output_type):
+        if output_type == "latent":
             return latents
-        tiled = vae_tiling if vae_tiling is not None else size_px[0] * size_px[1] > self.auto_tiling_min_pixels
-        image = vae_io.decode(self.pipe, latents, tiled=tiled)
-        do_denormalize = None
-        if getattr(self.pipe, "safety_checker", None) is not None:
-            image, has_nsfw = self.pipe.run_safety_checker(image, device, latents.dtype)
-            do_denormalize = [not flagged for flagged in has_nsfw]
-        if getattr(self.pipe, "watermark", None) is not None:
-            image = self.pipe.watermark.apply_watermark(image)
-        return self.pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        image = vae_io.decode(self.pipe, latents, tiled=plan["tiling"][0])
+        return self.pipe.image_processor.postprocess(image, output_type=output_type)
 
 
-class _Run:
-    """The state of one FAMPipeline call: the two denoising loops."""
-
-    def __init__(self, owner: FAMPipeline, *, sizes: Sizes, mode: Mode, steps: int, generator, eta: float,
-                 device, dtype, batch_size: int, fm_c: float, upsample: str,
-                 am_source: str, callback, callback_inputs):
-        self.owner, self.pipe = owner, owner.pipe
-        self.sizes, self.mode, self.steps = sizes, mode, steps
-        self.generator, self.eta, self.device, self.dtype = generator, eta, device, dtype
-        self.batch_size = batch_size
-        self.text: Optional[TextConditioning] = None
-        self.fm_c, self.upsample, self.am_source = fm_c, upsample, am_source
-        self.callback, self.callback_inputs = callback, callback_inputs
-        self.am: Optional[AttentionModulation] = None
-        self.cache: Optional[NativeAttentionCache] = None
-        self.native_model_inputs: List[torch.Tensor] = []
-
-    def _noise(self, latent_size) -> torch.Tensor:
-        shape = (self.batch_size, self.pipe.unet.config.in_channels, *latent_size)
-        return randn_tensor(shape, generator=self.generator, device=self.device, dtype=self.dtype)
-
-    def _callback(self, step, t, tensors: Dict[str, Optional[torch.Tensor]]) -> torch.Tensor:
-        if self.callback is None:
-            return tensors["latents"]
-        outputs = self.callback(self.owner, step, t, {name: tensors[name] for name in self.callback_inputs})
-        return (outputs or {}).pop("latents", tensors["latents"])
-
-    def native_pass(self, native_unet: GuidedUNet) -> torch.Tensor:
-        """Standard generation at the native size; keeps what the AM source needs."""
-        scheduler = _fresh_scheduler(self.pipe.scheduler, self.steps, self.device)
-        step_kwargs = _step_kwargs(scheduler, self.generator, self.eta)
-        latents = self._noise(self.sizes.native_latent) * scheduler.init_noise_sigma
-        keep_inputs = self.am is not None and self.am_source == "recompute"
-        self.owner._current_pass = "native"
-        self.owner._num_timesteps = len(scheduler.timesteps)
-        with self.pipe.progress_bar(total=len(scheduler.timesteps)) as progress:
-            for i, t in enumerate(scheduler.timesteps):
-                if self.owner.interrupt:
-                    break
-                model_input = scheduler.scale_model_input(latents, t)
-                if keep_inputs:
-                    self.native_model_inputs.append(model_input)
-                before_chunk = None
-                if self.cache is not None:
-                    def before_chunk(chunk, i=i):
-                        self.cache.begin(i, chunk)
-                noise_pred = native_unet.predict(model_input, t, before_chunk)
-                if self.am is not None:
-                    self.am.off()
-                latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-                latents = self._callback(i, t, {"latents": latents, "prompt_embeds": self.text.prompt_embeds,
-                                                "reference_latents": None, "modulated_latents": None})
-                progress.update()
-        return latents
-
-    def high_res_pass(self, high_res_unet: GuidedUNet, native_latent: Optional[torch.Tensor],
-                      native_unet: GuidedUNet) -> torch.Tensor:
-        scheduler = _fresh_scheduler(self.pipe.scheduler, self.steps, self.device)
-        step_kwargs = _step_kwargs(scheduler, self.generator, self.eta)
-        noiser = _Noiser(self.pipe.scheduler, self.steps, self.device)
-        T = scheduler.config.num_train_timesteps
-        H, W = self.sizes.target_latent
-        mode = self.mode
-
-        if mode.native_pass:
-            reference_x0 = _upsample_latent(native_latent, (H, W), self.upsample)
-            eps = self._noise((H, W))
-            latents = noiser.at(0, reference_x0, eps)
+@contextmanager
+def _progress_label(pipe, name: str, size) -> Iterator[None]:
+    """Label the pass's progress bar "native HxW" / "high-res HxW" unless the user set a ``desc``."""
+    previous = pipe.__dict__.get("_progress_bar_config")
+    config = dict(previous or {})
+    config.setdefault("desc", f"{name} {size[0]}x{size[1]}")
+    pipe._progress_bar_config = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            pipe.__dict__.pop("_progress_bar_config", None)
         else:
-            latents = self._noise((H, W)) * scheduler.init_noise_sigma
-        native_eps = self._noise(self.sizes.native_latent) if self.am is not None and self.am_source == "diffused" \
-            else None
-        needs_reference = mode.frequency_modulation or mode.skip_residual or (
-            mode.native_pass and "reference_latents" in self.callback_inputs)
+            pipe._progress_bar_config = previous
 
-        self.owner._current_pass = "high_res"
-        self.owner._num_timesteps = len(scheduler.timesteps)
-        with self.pipe.progress_bar(total=len(scheduler.timesteps)) as progress:
-            for i, t in enumerate(scheduler.timesteps):
-                if self.owner.interrupt:
-                    break
-                reference = modulated = None
-                if needs_reference:
-                    reference = noiser.at(i, reference_x0, eps)
-                if mode.frequency_modulation:
-                    cutoff, gain = fam_kernels.fm_schedule(float(t), T, H, W, self.fm_c)
-                    latents = modulated = fam_kernels.lowpass_blend(latents, reference, cutoff, gain)
-                elif mode.skip_residual:
-                    c1 = skip_residual_weight(float(t), T)
-                    latents = modulated = (1 - c1) * latents + c1 * reference
-                model_input = scheduler.scale_model_input(latents, t)
-                before_chunk = None
-                if self.am is not None:
-                    before_chunk = self._native_attention_for_step(i, t, scheduler, noiser, native_unet,
-                                                                   native_latent, native_eps)
-                noise_pred = high_res_unet.predict(model_input, t, before_chunk)
-                if self.am is not None:
-                    self.am.off()
-                latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-                latents = self._callback(i, t, {"latents": latents, "prompt_embeds": self.text.prompt_embeds,
-                                                "reference_latents": reference, "modulated_latents": modulated})
-                progress.update()
-        return latents
 
-    def _native_attention_for_step(self, i, t, scheduler, noiser, native_unet, native_latent, native_eps):
-        """The hook run before each high-res UNet chunk: provide the native AM inputs
-        of the same step and CFG chunk, then switch the processors to modulate."""
-        am = self.am
-        if self.cache is not None:
-            def before_chunk(chunk):
-                am.modulate_with(self.cache.load(i, chunk))
-            return before_chunk
-        if self.am_source == "recompute":
-            native_input = self.native_model_inputs[i]
-        else:
-            native_input = scheduler.scale_model_input(noiser.at(i, native_latent, native_eps), t)
+def _check_device(name: str, device) -> None:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{name}={device!r} is not a device ({error})") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"{name}={str(device)!r}: no such CUDA device here "
+                         f"({torch.cuda.device_count()} visible)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}={str(device)!r}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{name}={str(device)!r}: only cpu, cuda and mps devices are supported")
 
-        def before_chunk(chunk):
-            inputs = recompute_native_inputs(am, lambda: native_unet.run_chunk(native_input, t, chunk))
-            am.modulate_with(inputs)
-        return before_chunk
+
+def _free_memory(device) -> Optional[int]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
+
+

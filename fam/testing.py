@@ -132,3 +132,97 @@ def tiny_sd_pipeline(*, block_out_channels: Sequence[int] = (16, 32, 32), sample
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# --------------------------------------------------------------------------- other pipeline kinds
+
+PIPELINE_KINDS = ("text2img", "img2img", "inpaint", "controlnet", "controlnet_img2img", "pag")
+
+_CLASSES = {
+    "sdxl": {"text2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline",
+             "inpaint": "StableDiffusionXLInpaintPipeline", "controlnet": "StableDiffusionXLControlNetPipeline",
+             "controlnet_img2img": "StableDiffusionXLControlNetImg2ImgPipeline", "pag": "StableDiffusionXLPAGPipeline"},
+    "sd": {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+           "inpaint": "StableDiffusionInpaintPipeline", "controlnet": "StableDiffusionControlNetPipeline",
+           "controlnet_img2img": "StableDiffusionControlNetImg2ImgPipeline", "pag": "StableDiffusionPAGPipeline"},
+}
+
+
+def tiny_controlnet(unet: UNet2DConditionModel, seed: int = 0):
+    """A ControlNet initialised from the UNet (``ControlNetModel.from_unet``), with a
+    tiny conditioning embedding (downsampling 2 = the tiny VAE factor). Its zero convolutions are
+    given small random weights so that the control image changes the result."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]:
+            block.weight.normal_(0, 0.05)
+    return controlnet
+
+
+def tiny_pipeline(kind: str = "text2img", arch: str = "sdxl", **kwargs):
+    """A tiny pipeline of the given kind (see ``PIPELINE_KINDS``) on the components of
+    :func:`tiny_sdxl_pipeline` / :func:`tiny_sd_pipeline` (``arch`` "sdxl" or "sd");
+    ControlNet kinds get :func:`tiny_controlnet`, PAG applies to the mid block."""
+    import diffusers
+
+    base = tiny_sdxl_pipeline(**kwargs) if arch == "sdxl" else tiny_sd_pipeline(**kwargs)
+    if kind == "text2img":
+        return base
+    components = dict(base.components)
+    extra = {}
+    if kind.startswith("controlnet"):
+        extra["controlnet"] = tiny_controlnet(base.unet)
+    if kind == "pag":
+        extra["pag_applied_layers"] = ["mid"]
+    cls = getattr(diffusers, _CLASSES[arch][kind])
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    pipe = cls(**{name: value for name, value in components.items() if name in accepted}, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_image(height: int = 24, width: int = 20, seed: int = 0):
+    """A random RGB PIL image (sides deliberately not multiples of the model's size step)."""
+    import numpy as np
+    import PIL.Image
+
+    pixels = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8")
+    return PIL.Image.fromarray(pixels)
+
+
+def tiny_mask(height: int = 24, width: int = 20):
+    """A PIL mask: white (repaint) on the right half."""
+    import numpy as np
+    import PIL.Image
+
+    mask = np.zeros((height, width), dtype="uint8")
+    mask[:, width // 2:] = 255
+    return PIL.Image.fromarray(mask)
+
+
+def load_tiny_ip_adapter(pipe, image_embed_dim: int = 8, seed: int = 0) -> int:
+    """Give ``pipe`` an IP-Adapter (the basic kind: 4 image tokens) with random
+    weights, built in code in the format diffusers' loader reads; no image encoder
+    (call with ``ip_adapter_image_embeds``). Returns the image embedding size."""
+    generator = torch.Generator().manual_seed(seed)
+    unet = pipe.unet
+    cross_dim = unet.config.cross_attention_dim
+    ip_layers, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
+        for proj in ("to_k_ip", "to_v_ip"):
+            ip_layers[f"{key_id}.{proj}.weight"] = torch.randn(hidden, cross_dim, generator=generator) * 0.3
+        key_id += 2
+    image_proj = {"proj.weight": torch.randn(4 * cross_dim, image_embed_dim, generator=generator) * 0.3,
+                  "proj.bias": torch.zeros(4 * cross_dim), "norm.weight": torch.ones(cross_dim),
+                  "norm.bias": torch.zeros(cross_dim)}
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip_layers}], low_cpu_mem_usage=False)
+    return image_embed_dim

@@ -42,21 +42,6 @@ def processor_ids(pipe):
     return {name: id(proc) for name, proc in pipe.unet.attn_processors.items()}
 
 
-def scheduler_state(scheduler):
-    return {key: (value.clone() if torch.is_tensor(value) else value)
-            for key, value in vars(scheduler).items() if key in
-            ("timesteps", "sigmas", "_step_index", "_begin_index", "num_inference_steps", "counter", "model_outputs")}
-
-
-def assert_same_state(before, after):
-    assert before.keys() == after.keys()
-    for key in before:
-        if torch.is_tensor(before[key]):
-            assert torch.equal(before[key], after[key]), key
-        else:
-            assert before[key] == after[key], key
-
-
 # ----------------------------------------------------------------------------- sizes
 
 
@@ -80,7 +65,7 @@ def test_sd15_architecture_sizes_and_default_layers(sd):
     seen = []
 
     def inspect_processors(pipe, step, t, tensors):
-        if pipe.current_pass == "high_res":
+        if pipe.fam_pass == "high_res":
             seen.append(sorted(n for n, p in pipe.unet.attn_processors.items() if isinstance(p, FAMAttnProcessor)))
         return {}
 
@@ -114,12 +99,16 @@ def test_am_processors_only_on_configured_layers_during_the_high_res_pass(sdxl):
     def inspect_processors(pipe, step, t, tensors):
         fam_layers = sorted(name[: -len(".processor")] for name, proc in pipe.unet.attn_processors.items()
                             if isinstance(proc, FAMAttnProcessor))
-        observed.append((pipe.current_pass, fam_layers))
+        observed.append((pipe.fam_pass, fam_layers))
         return {}
 
     run(sdxl, callback_on_step_end=inspect_processors)
-    assert observed == [("native", SDXL_AM_LAYERS)] * STEPS + [("high_res", SDXL_AM_LAYERS)] * STEPS
+    # recompute: the native pass runs the pipe's own processors (its UNet calls are kept)
+    assert observed == [("native", [])] * STEPS + [("high_res", SDXL_AM_LAYERS)] * STEPS
     assert processor_ids(sdxl) == before
+    observed.clear()
+    run(sdxl, am_source="cache", callback_on_step_end=inspect_processors)  # cache: recorded by the processors
+    assert observed == [("native", SDXL_AM_LAYERS)] * STEPS + [("high_res", SDXL_AM_LAYERS)] * STEPS
 
     observed.clear()
     custom = "down_blocks.2.attentions.0.transformer_blocks.1.attn1"
@@ -187,23 +176,37 @@ def test_recompute_and_cache_identical_with_sequential_cfg(sd):
     assert torch.equal(recompute.images, cache.images)
 
 
-def test_fm_latent_matches_eq4_oracle(sdxl):
-    recorded = []
+def test_fm_latent_matches_eq4_oracle(sdxl, monkeypatch):
+    """After each high-res scheduler step the latents are modulated for the next step's
+    timestep: callback latents == eq. 4 applied to the scheduler's output."""
+    recorded, stepped = [], []
 
     def record(pipe, step, t, tensors):
-        if pipe.current_pass == "high_res":
-            recorded.append({"t": float(t), **{k: v.clone() for k, v in tensors.items()}})
+        if pipe.fam_pass == "high_res":
+            recorded.append({k: None if v is None else v.clone() for k, v in tensors.items()})
         return {}
 
-    run(sdxl, num_inference_steps=3, mode="fm", fm_c=0.5,
-        callback_on_step_end=record,
+    real_step = type(sdxl.scheduler).step
+
+    def spy_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        stepped.append(out[0].clone())
+        return out
+
+    monkeypatch.setattr(type(sdxl.scheduler), "step", spy_step)
+    run(sdxl, num_inference_steps=3, mode="fm", fm_c=0.5, callback_on_step_end=record,
         callback_on_step_end_tensor_inputs=["latents", "reference_latents", "modulated_latents"])
+    schedule = type(sdxl.scheduler).from_config(sdxl.scheduler.config)
+    schedule.set_timesteps(3)
     T = sdxl.scheduler.config.num_train_timesteps
-    for previous, current in zip(recorded, recorded[1:]):
-        oracle = fm_modulate(previous["latents"].double(), current["reference_latents"].double(), current["t"], T,
-                             0.5, precision=torch.float64)
-        torch.testing.assert_close(current["modulated_latents"].double(), oracle, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(previous["latents"], current["modulated_latents"], atol=1e-3)
+    high_res_steps = stepped[3:]
+    for i in range(2):
+        oracle = fm_modulate(high_res_steps[i].double(), recorded[i]["reference_latents"].double(),
+                             float(schedule.timesteps[i + 1]), T, 0.5, precision=torch.float64)
+        torch.testing.assert_close(recorded[i]["latents"].double(), oracle, atol=1e-5, rtol=1e-5)
+        assert torch.equal(recorded[i]["latents"], recorded[i]["modulated_latents"])
+        assert not torch.allclose(high_res_steps[i], recorded[i]["latents"], atol=1e-3)
+    assert recorded[2]["reference_latents"] is None and torch.equal(recorded[2]["latents"], high_res_steps[2])
 
 
 def _noise_coefficients(scheduler, step):
@@ -221,16 +224,18 @@ def _noise_coefficients(scheduler, step):
 @pytest.mark.parametrize("scheduler_cls", [EulerDiscreteScheduler, DPMSolverMultistepScheduler, DDIMScheduler])
 def test_reference_latents_follow_the_schedule_at_every_step(scheduler_cls):
     """z~_t = a_t z~0 + b_t eps with the step's own noise level (sigma-based schedulers
-    index add_noise by begin/step index, not by t)."""
+    index add_noise by begin/step index, not by t). The callback after step i gets z~ of step i + 1."""
     pipe = tiny_sdxl_pipeline(scheduler=scheduler_cls(beta_start=0.00085, beta_end=0.012,
                                                       beta_schedule="scaled_linear"))
     refs = []
-    run(pipe, num_inference_steps=3, mode="fm", callback_on_step_end_tensor_inputs=["reference_latents"],
-        callback_on_step_end=lambda p, i, t, x: refs.append(x["reference_latents"].double()) or {}
-        if p.current_pass == "high_res" else {})
+    run(pipe, num_inference_steps=4, mode="fm", callback_on_step_end_tensor_inputs=["reference_latents"],
+        callback_on_step_end=lambda p, i, t, x: refs.append(x["reference_latents"]) or {}
+        if p.fam_pass == "high_res" else {})
+    assert refs[3] is None
+    refs = [r.double() for r in refs[:3]]
     schedule = scheduler_cls.from_config(pipe.scheduler.config)
-    schedule.set_timesteps(3)
-    (a0, b0), (a1, b1), (a2, b2) = (_noise_coefficients(schedule, i) for i in range(3))
+    schedule.set_timesteps(4)
+    (a0, b0), (a1, b1), (a2, b2) = (_noise_coefficients(schedule, i) for i in (1, 2, 3))
     det = a0 * b1 - a1 * b0
     x0 = (b1 * refs[0] - b0 * refs[1]) / det
     eps = (a0 * refs[1] - a1 * refs[0]) / det
@@ -276,16 +281,19 @@ def test_prompt_embeds_path_matches_prompt(sdxl):
 
 @pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
                                            DPMSolverMultistepScheduler])
-def test_common_schedulers_run_and_leave_the_pipe_scheduler_untouched(sdxl, scheduler_cls):
+def test_common_schedulers_run_reproducibly_and_leave_the_pipe_working(sdxl, scheduler_cls):
     original = sdxl.scheduler
     sdxl.scheduler = scheduler_cls.from_config(original.config)
     try:
-        sdxl.scheduler.set_timesteps(7)
-        before = scheduler_state(sdxl.scheduler)
+        plain = sdxl("a red cube", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
+                     output_type="latent").images
         first, second = run(sdxl), run(sdxl)
         assert torch.isfinite(first.images).all()
         assert torch.equal(first.images, second.images)  # step indices reset between calls and passes
-        assert_same_state(before, scheduler_state(sdxl.scheduler))
+        assert type(sdxl.scheduler) is scheduler_cls
+        again = sdxl("a red cube", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
+                     output_type="latent").images
+        assert torch.equal(plain, again)
     finally:
         sdxl.scheduler = original
 
@@ -301,10 +309,10 @@ class Boom(RuntimeError):
 def test_raising_callback_restores_processors_scheduler_and_tiling(sdxl, fail_in):
     plain_before = sdxl("a red cube", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
                         output_type="latent").images
-    ids, state, tiling = processor_ids(sdxl), scheduler_state(sdxl.scheduler), sdxl.vae.use_tiling
+    ids, tiling, cls = processor_ids(sdxl), sdxl.vae.use_tiling, type(sdxl)
 
     def explode(pipe, step, t, tensors):
-        if pipe.current_pass == fail_in and step == 1:
+        if pipe.fam_pass == fail_in and step == 1:
             raise Boom()
         return {}
 
@@ -312,7 +320,7 @@ def test_raising_callback_restores_processors_scheduler_and_tiling(sdxl, fail_in
         run(sdxl, num_inference_steps=3, vae_tiling=True, am_source="cache", callback_on_step_end=explode)
     assert processor_ids(sdxl) == ids
     assert not any(isinstance(p, FAMAttnProcessor) for p in sdxl.unet.attn_processors.values())
-    assert_same_state(state, scheduler_state(sdxl.scheduler))
+    assert type(sdxl) is cls and "forward" not in vars(sdxl.unet) and "prepare_latents" not in vars(sdxl)
     assert sdxl.vae.use_tiling == tiling
     plain_after = sdxl("a red cube", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
                        output_type="latent").images
@@ -332,7 +340,7 @@ def test_vae_tiling_is_used_for_the_call_and_restored(sdxl, monkeypatch):
     sdxl.vae.disable_tiling()
     fam.auto_tiling_min_pixels = 32 * 32 - 1  # the 32x32 target is tiled automatically, the 16x16 native not
     fam("x", num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="np")
-    assert seen == [True, False] and sdxl.vae.use_tiling is False
+    assert seen == [False, True] and sdxl.vae.use_tiling is False  # native pass first
     seen.clear()
     sdxl.vae.enable_tiling()
     try:
@@ -357,7 +365,7 @@ def test_interrupt_in_native_pass_skips_high_res(sdxl):
 
 def test_callback_can_replace_latents(sdxl):
     def zero_high_res(pipe, step, t, tensors):
-        if pipe.current_pass == "high_res" and step == STEPS - 1:
+        if pipe.fam_pass == "high_res" and step == STEPS - 1:
             return {"latents": torch.zeros_like(tensors["latents"])}
         return {}
 
@@ -390,3 +398,73 @@ def test_model_cpu_offload_either_order(offload_first):
               output_type="latent")
     assert torch.equal(out.images, reference.images)
     assert all(hasattr(pipe.components[name], "_hf_hook") for name in hooked)  # hooks re-armed afterwards
+
+
+# ----------------------------------------------------------------------------- start image, delegation
+
+
+@pytest.mark.parametrize("form", ["pil", "pil_list", "numpy", "numpy_batch", "tensor"])
+def test_start_image_in_every_diffusers_form_and_any_size(sdxl, form):
+    import numpy as np
+    import PIL.Image
+
+    pixels = np.random.RandomState(0).rand(21, 27, 3).astype("float32")  # sides not multiples of 8
+    image = {"pil": PIL.Image.fromarray((pixels * 255).astype("uint8")),
+             "pil_list": [PIL.Image.fromarray((pixels * 255).astype("uint8"))],
+             "numpy": pixels, "numpy_batch": pixels[None],
+             "tensor": torch.from_numpy(pixels).permute(2, 0, 1)[None] * 2 - 1}[form]
+    out = FAMPipeline.from_pipe(sdxl)("a red cube", image=image, num_inference_steps=STEPS, output_type="np",
+                                      generator=torch.Generator().manual_seed(0))
+    # 21x27 -> the nearest valid native size 24x24 (multiples of 8), aspect kept as far as the grid allows
+    assert out.native_images.shape == (1, 24, 24, 3) and out.images.shape == (1, 48, 48, 3)
+
+
+def test_diffusers_surface_is_delegated(sdxl):
+    fam = FAMPipeline.from_pipe(sdxl)
+    assert fam.components is not None and fam.components["unet"] is sdxl.unet
+    assert fam.device == sdxl.device and fam.dtype == sdxl.dtype
+    fam.enable_vae_tiling()
+    assert sdxl.vae.use_tiling
+    fam.disable_vae_tiling()
+    assert not sdxl.vae.use_tiling
+    fam.set_progress_bar_config(disable=True)
+    assert sdxl._progress_bar_config["disable"] is True
+    images, native = fam("a red cube", num_inference_steps=1, output_type="latent", return_dict=False,
+                         generator=torch.Generator().manual_seed(0))
+    assert images.shape == (1, 4, 16, 16) and native.shape == (1, 4, 8, 8)
+
+
+def test_sequential_cpu_offload_is_delegated():
+    """Only the delegation is checked: running a pipe under sequential offload fails in this
+    environment for the plain diffusers pipe too (accelerate's parameter re-creation vs torch 2.13)."""
+    pipe = tiny_sdxl_pipeline()
+    FAMPipeline.from_pipe(pipe).enable_sequential_cpu_offload(device="cpu")
+    assert any(hasattr(module, "_hf_hook") for module in pipe.unet.modules())
+    assert any(hasattr(module, "_hf_hook") for module in pipe.text_encoder.modules())
+
+
+def test_num_images_per_prompt_and_custom_timesteps_are_forwarded(sdxl):
+    batch = run(sdxl, num_images_per_prompt=2)
+    assert batch.images.shape == (2, 4, 16, 16) and batch.native_images.shape == (2, 4, 8, 8)
+    assert not torch.equal(batch.images[0], batch.images[1])  # two draws of one generator
+    seen = []
+
+    def record(pipe, step, t, tensors):
+        seen.append((pipe.fam_pass, float(t)))
+        return {}
+
+    run(sdxl, timesteps=[999, 500, 100], num_inference_steps=3, callback_on_step_end=record)
+    assert seen == [(p, t) for p in ("native", "high_res") for t in (999.0, 500.0, 100.0)]
+
+
+def test_progress_bars_are_labelled_per_pass_unless_the_user_set_a_description(capsys):
+    pipe = tiny_sdxl_pipeline()
+    pipe.set_progress_bar_config(disable=False)
+    run(pipe, scale=(2, 4), num_inference_steps=1)
+    err = capsys.readouterr().err
+    assert "native 16x16" in err and "high-res 32x64" in err
+    assert pipe._progress_bar_config == {"disable": False}
+    pipe.set_progress_bar_config(disable=False, desc="mine")
+    run(pipe, num_inference_steps=1)
+    err = capsys.readouterr().err
+    assert "mine" in err and "native" not in err
