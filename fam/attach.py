@@ -259,8 +259,9 @@ class HighResRun(_Pass):
 
     def __init__(self, pipe, native_latent: torch.Tensor, *, mode: Mode, scale: Tuple[int, int], fm_c: float,
                  upsample: str, source: Optional[NativeAttentionSource], cfg_sequential: bool,
-                 high_res_strength: float = 1.0):
+                 high_res_strength: float = 1.0, release_native: bool = True):
         super().__init__(pipe, cfg_sequential=cfg_sequential, source=source)
+        self.release_native = release_native
         self.native_latent, self.mode, self.scale = native_latent, mode, scale
         self.fm_c, self.upsample, self.high_res_strength = fm_c, upsample, high_res_strength
         self.offset = 0  # index of the first high-res step in the full schedule (high_res_strength < 1)
@@ -329,7 +330,13 @@ class HighResRun(_Pass):
         """After step ``step``: the latents modulated for the next step's timestep."""
         extras = {"reference_latents": None, "modulated_latents": None}
         following = self.offset + step + 1
-        if following >= len(self.noiser.timesteps) or not (self.mode.frequency_modulation or self.mode.skip_residual):
+        if following >= len(self.noiser.timesteps):  # the last step: the pipe decodes next
+            if self.release_native:
+                self.reference_x0 = self.eps = self.start = None
+                if self.source is not None:
+                    self.source.release()
+            return latents, extras
+        if not (self.mode.frequency_modulation or self.mode.skip_residual):
             return latents, extras
         reference = self.noiser.at(following, self.reference_x0, self.eps)
         latents = self.guide(following, latents, reference)
@@ -412,7 +419,8 @@ def record_native(pipe, *, am_source: Optional[str] = "recompute", am_layers: Un
 @contextmanager
 def modulate(pipe, native: Union[NativeRun, torch.Tensor], *, scale: Scale = 2, mode: str = "fam",
              fm_c: float = 0.5, am_lambda: float = 0.7, am_layers: Union[str, Sequence[str], None] = None,
-             upsample: str = "bicubic", cfg_sequential: bool = False, high_res_strength: float = 1.0):
+             upsample: str = "bicubic", cfg_sequential: bool = False, high_res_strength: float = 1.0,
+             release_native: bool = True):
     """Make the one ``pipe(...)`` call inside the block FAM's high-res pass at
     ``scale`` x the native size. ``native``: a :func:`record_native` result, or native
     latents (B, C, h, w) (then AM uses the "diffused" source). ``mode``: "fam", "fm",
@@ -420,7 +428,11 @@ def modulate(pipe, native: Union[NativeRun, torch.Tensor], *, scale: Scale = 2, 
     ``high_res_strength`` s in (0, 1]: start where the call's schedule has int(N s) of
     its N steps left, from z~ at that step (diffusers' img2img rule). The call's own
     ``num_inference_steps`` may differ from the native pass's: AM then uses, for each
-    high-res step, the native step with the nearest timestep."""
+    high-res step, the native step with the nearest timestep.
+    ``release_native`` (default True): after the last step, before the pipe decodes, free
+    the native attention data (the AM cache, the recorded native calls) and the
+    reference latents -- at 4096^2 the cache alone is ~7 GB on the GPU; pass False to
+    run several high-res passes from one ``record_native`` result."""
     _check_pipe(pipe)
     _check_cfg_sequential(pipe, cfg_sequential)
     choose("mode", mode, tuple(name for name in MODES if name != "direct"))
@@ -440,6 +452,9 @@ def modulate(pipe, native: Union[NativeRun, torch.Tensor], *, scale: Scale = 2, 
         if spec.attention_modulation and native.am is None:
             raise ValueError(f"native: recorded with am_source=None, but mode {mode!r} needs Attention Modulation")
         am, source, layers = native.am, native.source, native.layers
+        if source is not None and source.released:
+            raise ValueError("native: its attention data was released after an earlier high-res pass; "
+                             "pass release_native=False to that modulate(...) call to reuse it")
         if am_layers is not None and resolve_am_layers(pipe.unet, am_layers) != layers:
             raise ValueError("am_layers: differ from those of the record_native block")
     elif torch.is_tensor(native) and native.ndim == 4:
@@ -457,7 +472,8 @@ def modulate(pipe, native: Union[NativeRun, torch.Tensor], *, scale: Scale = 2, 
     else:
         source = None
     run = HighResRun(pipe, latent, mode=spec, scale=factors, fm_c=fm_c, upsample=upsample, source=source,
-                     cfg_sequential=cfg_sequential, high_res_strength=float(high_res_strength))
+                     cfg_sequential=cfg_sequential, high_res_strength=float(high_res_strength),
+                     release_native=bool(release_native))
     if source is not None:
         source.run_native = lambda call: run.run_native(call)
     with patched() as patches:

@@ -76,6 +76,12 @@ class NativeAttentionSource:
         self.am, self.run_native = am, run_native
         self.native_timesteps: Dict[int, float] = {}  # native step -> its timestep
         self.step_map: Dict[int, int] = {}  # high-res schedule index -> native step
+        self.released = False
+
+    def release(self) -> None:
+        """Free what only the high-res denoising needs (called after its last step,
+        before the pipe decodes); a released source cannot feed another pass."""
+        self.released = True
 
     def native_call(self, step: int, chunk: int, call: UNetCall, run: Callable[[], Any]):
         self.native_timesteps[step] = float(torch.as_tensor(call.kwargs["timestep"]).flatten()[0])
@@ -112,6 +118,10 @@ class RecomputeSource(NativeAttentionSource):
     def native_inputs(self, step, chunk, parts, call):
         return self._capture(self.calls[self.step_map[step]].chunk(parts, chunk))
 
+    def release(self):
+        super().release()
+        self.calls.clear()
+
 
 class CacheSource(NativeAttentionSource):
     name = "cache"
@@ -129,6 +139,10 @@ class CacheSource(NativeAttentionSource):
 
     def native_inputs(self, step, chunk, parts, call):
         return self.cache.load(self.step_map[step], chunk)
+
+    def release(self):
+        super().release()
+        self.cache.entries.clear()
 
     @property
     def nbytes(self) -> int:

@@ -107,3 +107,32 @@ def test_misuse_is_refused(pipes):
         with fam.modulate(pipe, plain):
             pass
     assert type(pipe).__name__ == "StableDiffusionXLPipeline" and not hasattr(type(pipe), "fam_pass")
+
+
+@pytest.mark.parametrize("am_source", ["cache", "recompute"])
+def test_native_attention_is_released_before_the_decode(pipes, am_source):
+    """What only the high-res denoising needs (the AM cache: ~7 GB at SDXL 4096^2, the
+    recorded native calls, the reference latents) is freed before the pipe decodes."""
+    pipe = pipes["sdxl"]
+    held_at_decode = []
+    decode = pipe.vae.decode
+
+    def recording_decode(*args, **kwargs):
+        source = native.source
+        held_at_decode.append(len(source.cache.entries) if am_source == "cache" else len(source.calls))
+        return decode(*args, **kwargs)
+
+    generator = torch.Generator().manual_seed(0)
+    with fam.record_native(pipe, am_source=am_source) as native:
+        pipe("a red cube", num_inference_steps=STEPS, generator=generator, output_type="latent")
+    for release in (False, True):
+        pipe.vae.decode = recording_decode
+        try:
+            with fam.modulate(pipe, native, scale=2, release_native=release):
+                pipe("a red cube", num_inference_steps=STEPS, generator=generator)
+        finally:
+            del pipe.vae.decode
+    assert held_at_decode[0] > 0 and held_at_decode[1] == 0  # kept on request (reuse), freed by default
+    with pytest.raises(ValueError, match="release_native=False"):
+        with fam.modulate(pipe, native, scale=2):
+            pass
