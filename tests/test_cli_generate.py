@@ -271,8 +271,8 @@ def test_lora_scale_and_repeated_loras(model_dir, lora_file, tmp_path):
 def test_default_model_is_the_embedded_demo_model(tmp_path):
     out = tmp_path / "demo.png"
     assert cli.main(["generate", "--prompt", "a red circle", "--steps", "1", "--seed", "0", "--out", str(out)]) == 0
-    assert os.path.isfile(os.path.join(cli._default_model_path(), "model_index.json"))
-    assert metadata(out)["model"] == cli._default_model_path()
+    assert os.path.isfile(os.path.join(cli.default_model_path(), "model_index.json"))
+    assert metadata(out)["model"] == cli.default_model_path()
     assert Image.open(out).size == (128, 128)  # the demo model's 64 px native size x 2
     assert parameters(out)[1]["Model"] == "fam-demo"
 
