@@ -9,7 +9,7 @@ one region, then 4-connected components are labelled and those smaller than
 ``min_area`` (a fraction of the image area) are dropped.
 
 The thresholds are validated on rendered ground truth with 1-3 objects
-(tests/test_demo_segmentation.py, ``validate_segmentation``).
+(tests/demo/test_demo_segmentation.py, ``validate_segmentation``).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ the fastest; on the CPU the order above is used (bit-identical reruns);
 
 Every backend returns the layout ``register_fake`` promises,
 ``torch.empty_like(q)``: the op copies a backend's result into it when they differ
-(tests/test_am_attention.py checks it per backend on transposed, channels-last-like
+(tests/kernels/test_am_attention.py checks it per backend on transposed, channels-last-like
 and sliced inputs).
 
 NaN and inf propagate as in the literal oracle on every backend. The one place the

@@ -8,7 +8,7 @@ with ``TRITON_INTERPRET=1``. A test file declares ``INTERPRETED_CASES = {id: fn}
 :func:`interpreted_results`; the child reports each case on its own line as it
 finishes, so a crash fails the cases it did not reach, naming the crash.
 
-    python tests/triton_harness.py tests/test_am_triton.py   # run a file's cases by hand
+    python tests/triton_harness.py tests/kernels/test_am_triton.py   # run a file's cases by hand
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@
 #      2048^2, 4096^2, direct and FAM (ms per step, max_memory_allocated):
 #      benchmarks/gpu_check.py, writing <out>/gpu-<name>.{csv,md}.
 # Without CUDA, step 1 is skipped with a message and step 2 runs its CPU-runnable
-# parts at tiny shapes (what CI runs: tests/test_gpu_check.py).
+# parts at tiny shapes (what CI runs: tests/kernels/test_gpu_check.py).
 #
 #   bash tools/gpu_check.sh [--out DIR] [--quick]     (default DIR: benchmarks/results)
 set -euo pipefail
@@ -24,8 +24,8 @@ done
 
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: CUDA: $("$PY" -c "import torch; print(torch.cuda.get_device_name())")"
-  "$PY" -m pytest -q tests/test_am_attention.py tests/test_lowpass_blend.py tests/test_dispatch.py \
-    tests/test_am_triton.py tests/test_lowpass_triton.py tests/test_triton_aot_lowpass.py
+  "$PY" -m pytest -q tests/kernels/test_am_attention.py tests/kernels/test_lowpass_blend.py tests/kernels/test_dispatch.py \
+    tests/kernels/test_am_triton.py tests/kernels/test_lowpass_triton.py tests/kernels/test_triton_aot_lowpass.py
   "$PY" -m benchmarks.gpu_check --out "$OUT" ${ARGS[@]+"${ARGS[@]}"}
 else
   echo "gpu_check: no CUDA device: skipping the CUDA test run and the CUDA benchmarks"

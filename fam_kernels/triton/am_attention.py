@@ -98,7 +98,7 @@ def block_d(head_dim: int) -> int:
 
 def default_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch options; sm_80/sm_90 compile them without spills
-    (tests/test_am_triton.py). fp32 runs true-fp32 dots (no tensor cores), which
+    (tests/kernels/test_am_triton.py). fp32 runs true-fp32 dots (no tensor cores), which
     needs smaller tiles."""
     wide = block_d(head_dim) > 64
     if dtype == torch.float32:

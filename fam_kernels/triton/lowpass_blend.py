@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 # Default tile: tl.dot needs >= 16 per side; 64 x 64 x 32 at 4 warps compiles for
-# sm_80 / sm_90 without spills (tests/test_triton_aot_lowpass.py).
+# sm_80 / sm_90 without spills (tests/kernels/test_triton_aot_lowpass.py).
 DEFAULT_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 DEFAULT_NUM_WARPS = 4
 

@@ -20,7 +20,7 @@ from PIL import Image
 from fam import batch, cli, distributed, jobs
 from fam_demo import caption
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = [caption("star", "red", "striped grey"), caption("circle", "blue", "checkered beige"),
            caption("triangle", "yellow", "gradient slate"), caption("ring", "green", "noisy grey"),
            caption("cross", "purple", "dotted beige"), caption("square", "orange", "plain slate")]

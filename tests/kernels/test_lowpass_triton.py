@@ -1,6 +1,6 @@
 """The Triton lowpass_blend kernel run by Triton's CPU interpreter (one child process
 per file, tests/triton_harness.py; each case is its own test here). The
-ahead-of-time compile test (tests/test_triton_aot_lowpass.py) needs the same module
+ahead-of-time compile test (tests/kernels/test_triton_aot_lowpass.py) needs the same module
 compiled normally. A failure or a missing Triton fails the case; nothing is skipped."""
 
 import functools

@@ -1,7 +1,7 @@
 """am_attention: the torch and C++ CPU backends against the float64 materialised
 eq. 7 oracle, special values of lam, layouts, fuzz, validation, dispatch, the
-torch.library registration. Triton: tests/test_am_triton.py; memory:
-tests/test_am_memory.py."""
+torch.library registration. Triton: tests/kernels/test_am_triton.py; memory:
+tests/kernels/test_am_memory.py."""
 
 import importlib
 import os

@@ -21,13 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_sdxl")
-    tiny_sdxl_pipeline().save_pretrained(str(path))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def lora_file(tmp_path_factory):
     """LoRA weights (PEFT, random A and B so that the scale matters) for the tiny SDXL UNet."""
     from peft import LoraConfig

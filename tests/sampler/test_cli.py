@@ -11,16 +11,8 @@ from PIL import Image
 
 import fam
 from fam import cli
-from fam.testing import tiny_sdxl_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_sdxl")
-    tiny_sdxl_pipeline().save_pretrained(str(path))
-    return str(path)
 
 
 def metadata(path):

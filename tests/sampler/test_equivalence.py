@@ -1,9 +1,9 @@
 """Equivalence fixtures: latents of the FAMPipeline before the move onto the wrapped
-pipeline's own denoising loop (frozen in tests/fixtures/equivalence_t2i.pt by the
+pipeline's own denoising loop (frozen in tests/sampler/fixtures/equivalence_t2i.pt by the
 implementation of commit 2c0a75b), reproduced by the current code to <= 1e-5.
 
 Regenerate (only when a change of results is intended and explained):
-``OMP_NUM_THREADS=1 python tests/test_equivalence.py``.
+``OMP_NUM_THREADS=1 python tests/sampler/test_equivalence.py``.
 """
 
 import os
@@ -84,7 +84,7 @@ def test_matches_frozen_latents(frozen, name):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     torch.set_num_threads(1)
     os.makedirs(os.path.dirname(FIXTURE), exist_ok=True)
     results = {}

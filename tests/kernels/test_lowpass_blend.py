@@ -1,7 +1,7 @@
 """lowpass_blend: every CPU backend (and both forms of torch and cpu) against the
 float64 eq. 4 oracle, properties, dtypes, strides, validation, dispatch, the
-torch.library registration. Triton: tests/test_lowpass_triton.py (interpreter)
-and tests/test_triton_aot_lowpass.py (sm_80 / sm_90 compile)."""
+torch.library registration. Triton: tests/kernels/test_lowpass_triton.py (interpreter)
+and tests/kernels/test_triton_aot_lowpass.py (sm_80 / sm_90 compile)."""
 
 import importlib
 import math

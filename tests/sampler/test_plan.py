@@ -18,7 +18,8 @@ from fam.plan.phases import Tracer
 from fam.plan.trace import Trace, attention_kernels
 from fam.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 
-DEMO_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fam_demo", "model")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO_MODEL = os.path.join(ROOT, "fam_demo", "model")
 META = torch.device("meta")
 
 
