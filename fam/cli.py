@@ -40,7 +40,7 @@ DEFAULTS: Dict[str, Any] = {
     "controlnet_scale": None, "lora": [], "high_res_strength": 1.0, "high_res_steps": None, "am_layers": None,
 }
 # how the run was executed; recorded, but never taken from --from-png
-RUNTIME = ("device", "cpu_offload", "am_cache_device", "threads")
+RUNTIME = ("device", "cpu_offload", "am_cache_device", "threads", "max_memory")
 
 # --scheduler NAME -> (diffusers class, config overrides); A1111's sampler name for the parameters chunk
 SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
@@ -573,6 +573,20 @@ def _check_before_work(args: argparse.Namespace, settings: Settings):
     returns the device and the input pictures ({"init_image": PIL, "control_image": PIL})."""
     import torch
 
+    if args.max_memory is not None:
+        from .plan.options import parse_bytes
+
+        try:
+            parse_bytes(args.max_memory)
+        except ValueError as error:
+            raise CLIError(f"--max-memory {args.max_memory}: {error}") from None
+        chosen_by_budget = [flag for flag, given in (("--cfg-sequential", settings["cfg_sequential"]),
+                                                     ("--am-source", settings["am_source"]),
+                                                     ("--am-cache-device", args.am_cache_device),
+                                                     ("--cpu-offload", args.cpu_offload),
+                                                     ("--vae-tiling", settings["vae_tiling"] != "auto")) if given]
+        if chosen_by_budget:
+            raise CLIError(f"--max-memory chooses {', '.join(chosen_by_budget)} itself; do not give them with it")
     device = str(check_device("--device", args.device)) if args.device else (
         "cuda" if torch.cuda.is_available() else "cpu")
     if args.am_cache_device is not None:
@@ -668,7 +682,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                       num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                       num_images_per_prompt=count, generator=generators[0] if count == 1 else generators,
                       mode=settings["mode"], am_source=settings["am_source"], am_layers=settings["am_layers"],
-                      am_cache_device=args.am_cache_device,
+                      am_cache_device=args.am_cache_device, max_memory=args.max_memory,
                       fm_c=settings["fm_c"], am_lambda=settings["am_lambda"], upsample=settings["upsample"],
                       cfg_sequential=settings["cfg_sequential"], high_res_strength=settings["high_res_strength"],
                       high_res_steps=settings["high_res_steps"],
@@ -677,6 +691,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CLIError(str(error)) from None
 
+    if output.memory_options is not None:
+        chosen = output.memory_options
+        print(f"fam generate: --max-memory {args.max_memory}: " + ", ".join(f"{k}={v}" for k, v in chosen.items()),
+              file=sys.stderr, flush=True)
+        settings["cfg_sequential"] = chosen["cfg"] == "sequential"
+        settings["vae_tiling"] = chosen["vae_tiling"]
+        if MODES[settings["mode"]].attention_modulation:
+            settings["am_source"] = chosen["am_source"].split("_")[0]
+            args.am_cache_device = "cpu" if chosen["am_source"] == "cache_cpu" else None
     _record_resolved(settings, output, factors, "init_image" in pictures)
     record = {**settings, "version": fam.__version__, "scheduler_class": type(pipe.scheduler).__name__,
               "scheduler_config": json.loads(pipe.scheduler.to_json_string()),
@@ -735,6 +758,8 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--am-layers", metavar="LAYERS", help="comma-separated self-attention layers or prefixes for AM "
                                                          "(default: the paper's, up_blocks.0 on SDXL)")
     p.add_argument("--am-cache-device", help="keep the AM cache here, e.g. cpu (with --am-source cache)")
+    p.add_argument("--max-memory", metavar="SIZE", help="GPU memory budget, e.g. 8GiB: fam plan picks the fastest "
+                                                        "option set that fits (CFG, VAE tiling, AM source, offload)")
     p.add_argument("--fm-c", type=float, help="FM low-frequency box size c (default 0.5)")
     p.add_argument("--am-lambda", type=float, help="AM blend weight lambda (default 0.7)")
     p.add_argument("--upsample", choices=list(UPSAMPLE_MODES))

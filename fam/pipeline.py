@@ -14,6 +14,7 @@ wrapped pipeline is changed after the call.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from .attention import resolve_am_layers
 from .modes import AM_SOURCES, MODES, UPSAMPLE_MODES, Mode, choose
 from .sizes import Scale, Sizes, resolve_sizes
 
+logger = logging.getLogger("fam")
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # arguments of the wrapped pipeline that FAM sets itself in each pass
 OWNED = ("height", "width", "latents", "callback_on_step_end", "callback_on_step_end_tensor_inputs", "output_type",
@@ -57,6 +60,7 @@ class FAMPipelineOutput(BaseOutput):
     images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor, None]
     native_images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor, None]
     am_cache_bytes: Optional[int] = None
+    memory_options: Optional[Dict[str, Any]] = None  # the option set chosen for ``max_memory``
 
 
 def _parameters(pipe) -> Dict[str, inspect.Parameter]:
@@ -224,6 +228,7 @@ class FAMPipeline:
         cfg_sequential: bool = False,
         high_res_strength: float = 1.0,
         high_res_steps: Optional[int] = None,
+        max_memory=None,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
@@ -260,10 +265,28 @@ class FAMPipeline:
         and may return new tensors; "reference_latents" / "modulated_latents" may be
         requested besides the pipe's own tensor inputs.
 
+        ``max_memory`` (bytes, or a string such as "8GiB" / "8GB"): plan this call's peak GPU
+        memory (:mod:`fam.plan`, a meta-device trace of these very modules) and run it with
+        the fastest option set whose predicted peak plus the safety margin fits: CFG batched
+        or sequential, VAE tiling, AM source recompute / cache / cache on the CPU, and on CUDA
+        model or sequential CPU offload (applied to the pipe with diffusers' own switches).
+        It chooses ``cfg_sequential``, ``vae_tiling``, ``am_source`` and ``am_cache_device``
+        itself (passing them too is refused); the choice is logged and returned as
+        ``.memory_options``; a budget nothing fits raises ValueError with the smallest peak.
+
         Returns :class:`FAMPipelineOutput`, or ``(images, native_images)``.
         """
         choose("mode", mode, tuple(MODES))
         mode_spec = MODES[mode]
+        memory_options = None
+        if max_memory is not None:
+            memory_options, chosen = self._options_for_budget(
+                max_memory, mode_spec, self._resolve_sizes(scale, height, width, native_height, native_width, image),
+                num_inference_steps, kwargs.get("num_images_per_prompt") or 1,
+                given={"cfg_sequential": cfg_sequential, "vae_tiling": vae_tiling, "am_source": am_source,
+                       "am_cache_device": am_cache_device})
+            cfg_sequential, vae_tiling = chosen["cfg_sequential"], chosen["vae_tiling"]
+            am_source, am_cache_device = chosen.get("am_source"), chosen.get("am_cache_device")
         plan = self._plan(prompt=prompt, image=image, scale=scale, height=height, width=width,
                           native_height=native_height, native_width=native_width,
                           num_inference_steps=num_inference_steps, generator=generator, mode=mode_spec, fm_c=fm_c,
@@ -293,7 +316,7 @@ class FAMPipeline:
                 if native.source is not None:
                     cache_bytes = native.source.nbytes
                 if self.interrupt or native_latent is None:  # interrupted: no high-res pass
-                    return self._output(None, native_images, cache_bytes, return_dict)
+                    return self._output(None, native_images, cache_bytes, return_dict, memory_options)
 
             self._current_pass = "high_res"
             high_res_pipe = plan["high_res_pipe"]
@@ -311,13 +334,54 @@ class FAMPipeline:
                 images = high_res_pipe(**plan["high_res_kwargs"], return_dict=True).images
         finally:
             self._current_pass = None
-        return self._output(images, native_images, cache_bytes, return_dict)
+        return self._output(images, native_images, cache_bytes, return_dict, memory_options)
 
     @staticmethod
-    def _output(images, native_images, cache_bytes, return_dict):
+    def _output(images, native_images, cache_bytes, return_dict, memory_options=None):
         if not return_dict:
             return images, native_images
-        return FAMPipelineOutput(images=images, native_images=native_images, am_cache_bytes=cache_bytes)
+        return FAMPipelineOutput(images=images, native_images=native_images, am_cache_bytes=cache_bytes,
+                                 memory_options=memory_options)
+
+    def _options_for_budget(self, max_memory, mode: Mode, sizes: Sizes, steps: int, images: int, given):
+        """``max_memory``: the fastest option set of :func:`fam.plan.plan` that fits, applied
+        to the pipe (placement) and returned with this call's arguments."""
+        from .plan import plan
+        from .plan.options import all_options, parse_bytes
+
+        if isinstance(max_memory, bool) or not isinstance(max_memory, (int, str)):
+            raise ValueError(f"max_memory={max_memory!r}: bytes (int) or a size such as '8GiB' or '8GB'")
+        try:
+            budget = parse_bytes(max_memory) if isinstance(max_memory, str) else max_memory
+        except ValueError as error:
+            raise ValueError(f"max_memory: {error}") from None
+        if budget <= 0:
+            raise ValueError(f"max_memory={max_memory!r} must be > 0")
+        passed = [name for name, value in given.items() if value not in (None, False)]
+        if passed:
+            raise ValueError(f"max_memory chooses {', '.join(given)} itself; do not pass {', '.join(passed)} with it")
+        on_cuda = self.device.type == "cuda"
+        upcast = bool(getattr(self.pipe.vae.config, "force_upcast", False))
+        # the wrapper encodes the prompt inside the pipe's call and loads no other VAE: those
+        # option sets stay with fam.plan's users; offloading means something only on CUDA
+        candidates = [o for o in all_options(am=mode.attention_modulation, upcast=upcast)
+                      if o.text_encoders == "kept" and not o.vae_fp16_fix and (on_cuda or o.offload == "none")]
+        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
+        result = plan(self.pipe, sizes.target[0], sizes.target[1], native_height=sizes.native[0],
+                      native_width=sizes.native[1], mode=mode.name, steps=steps, dtype=dtype, images=images,
+                      max_memory=budget, options=candidates)
+        if result.chosen is None:
+            smallest = min((row for row in result.rows if row.options in candidates), key=lambda r: r.required_bytes)
+            raise ValueError(f"max_memory={max_memory!r}: nothing fits; the smallest predicted need is "
+                             f"{smallest.required_bytes / 2 ** 30:.2f} GiB ({smallest.options.label()})")
+        options = result.chosen.options
+        chosen = options.apply(self.pipe, device=self.device) if on_cuda else options.call_kwargs()
+        if not mode.attention_modulation:
+            chosen.pop("am_source", None)
+            chosen.pop("am_cache_device", None)
+        logger.info("max_memory=%s: %s (predicted peak %.2f GiB, %.2f GiB with the margin)", max_memory,
+                    options.label(), result.chosen.peak_bytes / 2 ** 30, result.chosen.required_bytes / 2 ** 30)
+        return options.as_dict(), chosen
 
     # ---------------------------------------------------------------- planning + validation
     def _plan(self, *, prompt, image, scale, height, width, native_height, native_width, num_inference_steps,

@@ -515,3 +515,33 @@ def test_controlnet_with_img2img(model_dir, controlnet_dir, pictures, tmp_path):
     assert Image.open(out).size == (32, 32)
     record = metadata(out)
     assert (record["init_image"], record["control_image"], record["controlnet_scale"]) == (gradient, checker, 0.8)
+
+
+# ------------------------------------------------------------------------------ --max-memory
+
+def test_max_memory_picks_and_records_the_options(model_dir, tmp_path, capsys):
+    out = tmp_path / "budget.png"
+    assert cli.main(["generate", "--model", model_dir, "--prompt", "a red cube", "--steps", "1", "--seed", "0",
+                     "--max-memory", "100GB", "--out", str(out)]) == 0
+    assert "--max-memory 100GB: cfg=" in capsys.readouterr().err
+    recorded = metadata(out)
+    assert recorded["max_memory"] == "100GB" and recorded["am_source"] in ("recompute", "cache")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-memory", "lots"], "--max-memory lots: 'lots' is not a size"),
+    (["--max-memory", "8GB", "--cfg-sequential"], "--max-memory chooses --cfg-sequential itself"),
+])
+def test_max_memory_checked_before_loading(flags, message, tmp_path, capsys, monkeypatch):
+    _no_loading(monkeypatch)
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", "--prompt", "x", "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_max_memory_nothing_fits_is_one_line(model_dir, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", "--model", model_dir, "--prompt", "x", "--steps", "1", "--max-memory", "1MB",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "nothing fits" in err[-1] and not out.exists()
