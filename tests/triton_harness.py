@@ -35,7 +35,7 @@ def interpreted_results(test_file: str) -> Dict[str, Optional[str]]:
     test_file = os.path.abspath(test_file)
     if test_file not in _cache:
         env = dict(os.environ, TRITON_INTERPRET="1")
-        env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, os.path.dirname(test_file), env.get("PYTHONPATH", "")])
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), test_file], capture_output=True, text=True,
                               env=env, timeout=900, cwd=ROOT)
         results = {}
