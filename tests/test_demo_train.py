@@ -1,0 +1,109 @@
+"""Training pipeline plumbing at toy sizes: native size as a parameter, resumable runs
+(killed or stopped cleanly) that end exactly where an uninterrupted run ends."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from fam.demo import model as M
+from fam.demo import train as T
+
+TINY = ["--native-size", "32", "--unet-channels", "16,16,32", "--transformer-layers", "1,1,1", "--images", "8",
+        "--vae-steps", "3", "--vae-batch", "2", "--steps", "5", "--batch", "2", "--warmup", "2",
+        "--decay-steps", "2", "--ckpt-every", "2", "--threads", "1"]
+
+
+def _run(tmp_path, name, extra=()):
+    work, out = tmp_path / name, tmp_path / f"{name}-model"
+    assert T.main(TINY + ["--workdir", str(work), "--out", str(out), *extra]) == 0
+    return work, out
+
+
+def _loss_rows(work):
+    with open(work / "loss.csv") as f:
+        return [r[:4] for r in csv.reader(f)]  # without the wall-clock column
+
+
+def _final_weights(work):
+    return torch.load(work / "state.pt", weights_only=False)["modules"]
+
+
+def _assert_same(a, b):
+    for sa, sb in zip(_final_weights(a), _final_weights(b)):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    torch.set_num_threads(1)
+    return _run(tmp_path_factory.mktemp("train"), "full")
+
+
+def test_native_size_reaches_data_vae_and_unet(uninterrupted):
+    work, out = uninterrupted
+    with open(out / "unet" / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["sample_size"] == 8 and cfg["block_out_channels"] == [16, 16, 32]
+    assert cfg["addition_embed_type"] == "text_time"
+    assert (out / "loss.png").exists() and (out / "training.json").exists()
+    with open(out / "training.json") as f:
+        assert json.load(f)["invocations"][0]["unet_steps"] == [0, 5]
+    assert [r[0] for r in _loss_rows(work)] == ["step", "0", "1", "2", "3", "4"]
+    assert T.micro_sizes(128).tolist() == [128, 256, 384, 512]
+
+
+def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path, monkeypatch):
+    real = T.learning_rate
+
+    def crash_at_step_3(step, args):
+        if step == 3:
+            raise RuntimeError("killed")
+        return real(step, args)
+
+    monkeypatch.setattr(T, "learning_rate", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(tmp_path, "killed")
+    assert torch.load(tmp_path / "killed" / "state.pt", weights_only=False)["step"] == 2  # last checkpoint
+    monkeypatch.setattr(T, "learning_rate", real)
+    work, _ = _run(tmp_path, "killed")
+    assert _loss_rows(work) == _loss_rows(uninterrupted[0])  # the logged step 2 was cut and recomputed
+    _assert_same(work, uninterrupted[0])
+
+
+def test_clean_stops_in_every_stage_resume_to_the_same_result(uninterrupted, tmp_path):
+    invocations = 0
+    while not (tmp_path / "chunks-model" / "training.json").exists():
+        _run(tmp_path, "chunks", ["--max-minutes", "1e-9"])  # stops after every step
+        invocations += 1
+        assert invocations < 20
+    assert invocations == 7  # stops after VAE steps 1, 2 and UNet steps 1, 2, 3, 4; then the end
+    assert _loss_rows(tmp_path / "chunks") == _loss_rows(uninterrupted[0])
+    _assert_same(tmp_path / "chunks", uninterrupted[0])
+
+
+def test_resume_refuses_changed_model_settings(uninterrupted, tmp_path):
+    work, out = uninterrupted
+    with pytest.raises(SystemExit, match="started with other --unet-channels"):
+        T.main([*TINY[:2], "--unet-channels", "16,32,32", *TINY[4:], "--workdir", str(work), "--out", str(out)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--native-size", "128"], "--out is required for a 128 px run"),
+    (["--native-size", "40", "--out", "x"], "native_size 40: expected a multiple of 16"),
+    (["--unet-channels", "32,64"], "expected three positive multiples of 16"),
+])
+def test_bad_settings_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_unet_config_keeps_the_sdxl_layout_at_128px():
+    cfg = M.unet_config(128, (48, 96, 192))
+    assert cfg["sample_size"] == 32 and cfg["attention_head_dim"] == (3, 6, 12)
+    assert cfg["down_block_types"][0] == "DownBlock2D" and cfg["up_block_types"][0] == "CrossAttnUpBlock2D"
+    assert M.unet_config() == M.UNET_CONFIG and M.vae_config() == M.VAE_CONFIG
