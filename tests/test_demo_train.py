@@ -74,15 +74,18 @@ def test_killed_run_resumes_to_the_same_result(uninterrupted, tmp_path, monkeypa
     _assert_same(work, uninterrupted[0])
 
 
-def test_clean_stops_in_every_stage_resume_to_the_same_result(uninterrupted, tmp_path):
+def test_clean_stops_in_every_stage_resume_to_the_same_result(uninterrupted, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "DATA_SHARD", 3)  # 8 images: shards of 3, 3 and 2
     invocations = 0
     while not (tmp_path / "chunks-model" / "training.json").exists():
         _run(tmp_path, "chunks", ["--max-minutes", "1e-9"])  # stops after every step
         invocations += 1
         assert invocations < 20
-    assert invocations == 7  # stops after VAE steps 1, 2 and UNet steps 1, 2, 3, 4; then the end
+    assert invocations == 9  # stops after data shards 1, 2, VAE steps 1, 2, UNet steps 1, 2, 3, 4; then the end
     assert _loss_rows(tmp_path / "chunks") == _loss_rows(uninterrupted[0])
     _assert_same(tmp_path / "chunks", uninterrupted[0])
+    for name in ("data.npz", "latents.pt"):
+        assert (tmp_path / "chunks" / name).read_bytes() == (uninterrupted[0] / name).read_bytes()
 
 
 def test_resume_refuses_changed_model_settings(uninterrupted, tmp_path):

@@ -2,7 +2,7 @@
 
 Stages, each cached in ``--workdir`` so an interrupted run resumes:
   1. data     render the procedural dataset (``--images`` items at ``--native-size``,
-              default 64 px);
+              default 64 px), in shards of 1,000;
   2. vae      train the AutoencoderKL on random crops (default native/2 px; L1 + MSE +
               small KL), checkpointed every ``--ckpt-every`` steps;
   3. latents  encode the dataset (posterior means), set ``scaling_factor = 1/std``;
@@ -98,15 +98,35 @@ def _log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------------- data
 
-def stage_data(args) -> Dict[str, object]:
-    """``{"captions": [...], "images": callable -> (N, S, S, 3) uint8}`` (images load on demand)."""
+DATA_SHARD = 1000  # images rendered per resumable piece
+
+
+def stage_data(args, stop: Stop) -> Dict[str, object]:
+    """``{"captions": [...], "images": callable -> (N, S, S, 3) uint8}`` (images load on demand).
+    Rendered in shards of :data:`DATA_SHARD` images, each saved atomically, so a stop loses
+    at most the shard in progress."""
     path = os.path.join(args.workdir, "data.npz")
     if not os.path.exists(path):
         t0 = time.time()
-        images, captions = generate_dataset(args.images, args.native_size, seed=args.seed)
+        shards = []
+        for start in range(0, args.images, DATA_SHARD):
+            shard = os.path.join(args.workdir, f"data-{start:06d}.npz")
+            if not os.path.exists(shard):
+                images, captions = generate_dataset(min(DATA_SHARD, args.images - start), args.native_size,
+                                                    seed=args.seed, start=start)
+                with _io.atomic_open(shard, "wb") as f:
+                    np.savez(f, images=images, captions=np.array(captions))
+                _log(f"data: images {start}-{start + len(captions) - 1} rendered ({time.time() - t0:.0f}s)")
+                if stop() and start + DATA_SHARD < args.images:
+                    raise Stopped(f"data image {start + len(captions)}")
+            shards.append(shard)
+        parts = [np.load(s) for s in shards]
         with _io.atomic_open(path, "wb") as f:
-            np.savez(f, images=images, captions=np.array(captions))
-        _log(f"data: rendered {len(captions)} images of {args.native_size} px in {time.time() - t0:.0f}s")
+            np.savez(f, images=np.concatenate([d["images"] for d in parts]),
+                     captions=np.concatenate([d["captions"] for d in parts]))
+        for shard in shards:
+            os.remove(shard)
+        _log(f"data: {args.images} images of {args.native_size} px in {path}")
     d = np.load(path)
     return {"images": lambda: d["images"], "captions": [str(c) for c in d["captions"]]}
 
@@ -478,7 +498,7 @@ def main(argv=None) -> int:
     record = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": args.threads,
               "unet_steps": [first_step, first_step]}
     try:
-        data = stage_data(args)
+        data = stage_data(args, stop)
         stage_vae(args, comps, data, stop)
         latents = stage_latents(args, comps, data)
         stage_unet(args, comps, latents, data["captions"], stop)
