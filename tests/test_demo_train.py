@@ -110,3 +110,11 @@ def test_unet_config_keeps_the_sdxl_layout_at_128px():
     assert cfg["sample_size"] == 32 and cfg["attention_head_dim"] == (3, 6, 12)
     assert cfg["down_block_types"][0] == "DownBlock2D" and cfg["up_block_types"][0] == "CrossAttnUpBlock2D"
     assert M.unet_config() == M.UNET_CONFIG and M.vae_config() == M.VAE_CONFIG
+
+
+def test_measure_step_seconds_reports_wall_and_cpu_time(tmp_path, capsys):
+    assert T.main(TINY + ["--workdir", str(tmp_path), "--out", str(tmp_path / "x"), "--measure-step-seconds", "2"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["steps"] == 2 and res["latent"] == 8 and res["batch"] == 2
+    assert res["wall_s_per_step"] > 0 and res["cpu_s_per_step"] > 0 and res["fp16_mb_all"] > 0
+    assert not (tmp_path / "x").exists() and not (tmp_path / "args.json").exists()  # nothing trained

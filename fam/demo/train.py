@@ -39,7 +39,7 @@ import os
 import shutil
 import signal
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -282,7 +282,8 @@ def _read_loss_rows(path: str, before: int) -> List[List[str]]:
 LOSS_HEADER = ["step", "loss", "loss_avg100", "lr", "elapsed_s"]
 
 
-def stage_unet(args, comps, latents: torch.Tensor, captions: List[str], stop: Stop) -> None:
+def stage_unet(args, comps, latents: torch.Tensor, captions: List[str], stop: Stop,
+               on_step: Optional[Callable[[int], None]] = None) -> None:
     unet, te1, te2 = comps["unet"], comps["text_encoder"], comps["text_encoder_2"]
     modules = [unet, te1, te2]
     params = [p for m in modules for p in m.parameters()]
@@ -355,6 +356,8 @@ def stage_unet(args, comps, latents: torch.Tensor, captions: List[str], stop: St
             csv.writer(f).writerow([step, f"{loss.item():.5f}", f"{np.mean(recent):.5f}", f"{lr:.6f}",
                                     f"{time.time() - t_start:.1f}"])
         done = step + 1
+        if on_step is not None:
+            on_step(done)
         if done % 50 == 0:
             rate = (time.time() - t_start) / done
             _log(f"unet step {done}/{args.steps}: loss(avg100) {np.mean(recent):.4f} lr {lr:.2e} "
@@ -433,8 +436,10 @@ def components(args, tok_dir: str) -> Dict[str, object]:
 
 
 def measure_step_seconds(args, comps) -> Dict[str, float]:
-    """Seconds per UNet + text-encoder training step (forward, backward, AdamW, EMA) at the
-    run's latent size and batch, on random latents and the grammar's captions."""
+    """Wall and CPU (this process, all threads) seconds per UNet + text-encoder training
+    step (forward, backward, AdamW, EMA) at the run's latent size and batch, on random
+    latents and the grammar's captions; the first step is a warm-up. On a shared machine
+    the wall time depends on the load, the CPU time much less."""
     from .dataset import all_captions
 
     n = args.native_size // M.VAE_FACTOR
@@ -442,20 +447,21 @@ def measure_step_seconds(args, comps) -> Dict[str, float]:
     args.steps = args.measure_step_seconds + 1
     args.ckpt_every = args.steps + 1
     args.workdir = os.path.join(args.workdir, "measure")
-    os.makedirs(args.workdir, exist_ok=True)
-    for name in ("state.pt", "loss.csv"):
-        if os.path.exists(os.path.join(args.workdir, name)):
-            os.remove(os.path.join(args.workdir, name))
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    os.makedirs(args.workdir)
     g = torch.Generator().manual_seed(args.seed)
     latents = torch.randn((256, 4, n, n), generator=g)
-    captions = all_captions()[:256]
-    stage_unet(args, comps, latents, captions, Stop())
-    _, _, _, elapsed = read_loss(os.path.join(args.workdir, "loss.csv"))
-    per_step = (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)  # the first step is the warm-up
+    marks = []
+    stage_unet(args, comps, latents, all_captions()[:256], Stop(),
+               on_step=lambda done: marks.append((time.perf_counter(), time.process_time())))
+    steps = len(marks) - 1
     params = sum(p.numel() for p in comps["unet"].parameters())
     other = sum(p.numel() for k in ("vae", "text_encoder", "text_encoder_2") for p in comps[k].parameters())
-    return {"seconds_per_step": per_step, "unet_params": params, "fp16_mb_all": 2 * (params + other) / 1e6,
-            "latent": n, "batch": args.batch, "threads": torch.get_num_threads()}
+    return {"wall_s_per_step": (marks[-1][0] - marks[0][0]) / steps,
+            "cpu_s_per_step": (marks[-1][1] - marks[0][1]) / steps, "steps": steps,
+            "unet_params": params, "fp16_mb_all": 2 * (params + other) / 1e6,
+            "latent": n, "batch": args.batch, "threads": torch.get_num_threads(),
+            "load_avg_1min": os.getloadavg()[0]}
 
 
 def _invocations(path: str) -> List[dict]:
