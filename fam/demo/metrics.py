@@ -287,10 +287,12 @@ CORRUPTIONS = {"hue": (0, 10, 20, 40, 80), "jagged": (0, 0.5, 1, 2), "echo": (0,
 
 
 def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Dilation by a (2r+1)^2 square, as two separable 1-D max filters."""
     if r <= 0:
         return mask
     t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return F.max_pool2d(t, 2 * r + 1, stride=1, padding=r)[0, 0].numpy() > 0.5
+    t = F.max_pool2d(t, (2 * r + 1, 1), stride=1, padding=(r, 0))
+    return F.max_pool2d(t, (1, 2 * r + 1), stride=1, padding=(0, r))[0, 0].numpy() > 0.5
 
 
 def _erode(mask: np.ndarray, r: int) -> np.ndarray:
