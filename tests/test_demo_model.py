@@ -242,7 +242,7 @@ def test_eval_reports_the_local_quality_metrics(fam_pipe, tmp_path):
                                                             "boundary_native_px", "speckle_permille"]
     assert len(line.split(",")) == len(COLUMNS)
     md = (tmp_path / "q.md").read_text()
-    assert "AM lambda 0.5" in md and "speckle permille" in md
+    assert "AM lambda 0.5" in md and "speckle permille" in md and "Native images (64x64)" in md
 
 
 def test_aggregate_local_metrics_average_the_defined_values():

@@ -175,7 +175,8 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print) -
                         f"(eta {eta / 60:.1f} min)")
     native_counts = [count_objects(img) for img in natives.values()]
     native_stats = {"one_object_share": float(np.mean([c == 1 for c in native_counts])) if native_counts else math.nan,
-                    "n": len(native_counts)}
+                    "n": len(native_counts),
+                    "size": "x".join(str(v) for v in next(iter(natives.values())).shape[:2]) if natives else "?"}
     return samples, native_stats
 
 
@@ -282,7 +283,7 @@ def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_st
         "# Quality evaluation: FAM ablation on the embedded demo model",
         "",
         f"{len(config.prompts)} prompts x {len(config.seeds)} seeds, {config.steps} steps, "
-        f"guidance {config.guidance_scale}. Native images (64x64) with exactly one object: "
+        f"guidance {config.guidance_scale}. Native images ({native_stats.get('size', '?')}) with exactly one object: "
         f"{native_stats['one_object_share']:.0%} of {native_stats['n']}.",
         "",
         f"AM layers: {', '.join(config.am_layers) if config.am_layers else 'up_blocks.0 (default)'}; "
@@ -293,7 +294,8 @@ def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_st
         "(the prompts ask for one);",
         "- **1 object | native 1**: the same share among the samples whose native image has exactly one object "
         "(does the high-res pass keep a correct layout single?);",
-        "- **PSNR / SSIM**: high-res image area-downsampled to 64x64 vs the native image (structure consistency);",
+        "- **PSNR / SSIM**: high-res image area-downsampled to the native size vs the native image "
+        "(structure consistency);",
         "- **detail x bicubic**: spectral energy above the native Nyquist band relative to a bicubic upscale of "
         "the native image (geometric mean; 1 = no added detail);",
         "- **s/image**: wall time of one FAMPipeline call (native + high-res pass) on that machine;",
