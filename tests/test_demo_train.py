@@ -118,3 +118,21 @@ def test_measure_step_seconds_reports_wall_and_cpu_time(tmp_path, capsys):
     assert res["steps"] == 2 and res["latent"] == 8 and res["batch"] == 2
     assert res["wall_s_per_step"] > 0 and res["cpu_s_per_step"] > 0 and res["fp16_mb_all"] > 0
     assert not (tmp_path / "x").exists() and not (tmp_path / "args.json").exists()  # nothing trained
+
+
+def test_128px_unet_has_8x8_native_tokens_in_up_blocks_0():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**M.unet_config(128, (32, 64, 128), layers_per_block=2))
+    seen = set()
+
+    def hook(module, args, kwargs):
+        seen.add(tuple((args[0] if args else kwargs["hidden_states"]).shape))
+
+    unet.up_blocks[0].attentions[0].transformer_blocks[0].attn1.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 32, 32), torch.tensor([500]), torch.randn(1, 16, 2 * M.TEXT_HIDDEN),
+             added_cond_kwargs={"text_embeds": torch.randn(1, M.TEXT_PROJECTION), "time_ids": torch.zeros(1, 6)})
+    assert seen == {(1, 64, 128)}  # 8 x 8 tokens of the lowest-resolution level, 128 channels
+    assert not hasattr(unet.down_blocks[0], "attentions")  # no attention at the top level
