@@ -88,6 +88,12 @@ def test_clean_stops_in_every_stage_resume_to_the_same_result(uninterrupted, tmp
         assert (tmp_path / "chunks" / name).read_bytes() == (uninterrupted[0] / name).read_bytes()
 
 
+def test_signal_handlers_are_restored_after_a_run(uninterrupted):
+    import signal
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's Ctrl-C still works
+
+
 def test_resume_refuses_changed_model_settings(uninterrupted, tmp_path):
     work, out = uninterrupted
     with pytest.raises(SystemExit, match="started with other --unet-channels"):

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import TYPE_CHECKING, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+if TYPE_CHECKING:
+    from .segmentation import Segmentation
 
 
 def to_float(image) -> np.ndarray:
@@ -136,7 +139,7 @@ class ObjectAnalysis:
     """One image segmented once, shared by the local metrics."""
 
     image: np.ndarray  # (H, W, 3) float32
-    seg: "object"  # fam.demo.segmentation.Segmentation
+    seg: "Segmentation"
 
     @property
     def has_object(self) -> bool:

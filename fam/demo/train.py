@@ -64,9 +64,14 @@ class Stop:
         self.deadline = time.time() + 60 * max_minutes if max_minutes else None
         self.signalled = False
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+    def install(self) -> dict:
+        """Handle SIGTERM and SIGINT; returns the previous handlers for :meth:`restore`."""
+        return {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    @staticmethod
+    def restore(previous: dict) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self.signalled = True
@@ -496,7 +501,7 @@ def main(argv=None) -> int:
         with _io.atomic_open(args_path, "w") as f:
             json.dump(vars(args), f, indent=1)
     stop = Stop(args.max_minutes)
-    stop.install()
+    previous_handlers = stop.install()
     t0 = time.time()
     state_path = os.path.join(args.workdir, "state.pt")
     first_step = torch.load(state_path, weights_only=False)["step"] if os.path.exists(state_path) else 0
@@ -512,6 +517,7 @@ def main(argv=None) -> int:
         _log(f"stopped cleanly at {where}; run the same command to continue")
         return 0
     finally:
+        Stop.restore(previous_handlers)
         if os.path.exists(state_path):
             record["unet_steps"][1] = torch.load(state_path, weights_only=False)["step"]
         record["seconds"] = round(time.time() - t0, 1)
