@@ -302,7 +302,7 @@ def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_st
         "- **hue err vs prompt / vs native**: hue distance (degrees, 0-180) of the main object's median colour from "
         "the prompt's colour / from the native image's object (clean renders: <= ~3);",
         "- **boundary dev**: mean distance (native pixels) of the main object's outline from the native object's "
-        "outline upsampled, centroids aligned (clean renders: ~0.2-0.4);",
+        "outline upsampled, centroids aligned (clean renders: <= 0.25);",
         "- **speckle**: area (per mille of the image) of saturated specks too small to count as objects "
         "(clean renders: 0). The local metrics are means over the samples that have an object "
         "(docs/demo.md, 'Local-quality metrics').",
