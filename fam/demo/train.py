@@ -443,8 +443,9 @@ def components(args, tok_dir: str) -> Dict[str, object]:
 def measure_step_seconds(args, comps) -> Dict[str, float]:
     """Wall and CPU (this process, all threads) seconds per UNet + text-encoder training
     step (forward, backward, AdamW, EMA) at the run's latent size and batch, on random
-    latents and the grammar's captions; the first step is a warm-up. On a shared machine
-    the wall time depends on the load, the CPU time much less."""
+    latents and the grammar's captions; the first step is a warm-up. On a shared, loaded
+    machine both are inflated (the CPU time too: OpenMP threads spin while they wait), so
+    compare configurations measured side by side, and read docs/demo.md's caveats."""
     from .dataset import all_captions
 
     n = args.native_size // M.VAE_FACTOR
