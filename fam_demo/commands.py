@@ -60,7 +60,7 @@ def _subset(flag: str, value: str, choices) -> list:
 def cmd_eval(args: argparse.Namespace) -> int:
     from fam.attention import resolve_am_layers
 
-    from .evaluation import EVAL_PROMPTS, MODES, SCALES, EvalConfig, evaluate, load_fam_pipeline
+    from .evaluation import EVAL_PROMPTS, MODES, SCALES, EvalConfig, check_am_lambda, evaluate, load_fam_pipeline
 
     cfg = EvalConfig.quick() if args.quick else EvalConfig()
     if args.prompts is not None:
@@ -76,6 +76,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg.steps = _at_least_one("--steps", args.steps)
     cfg.guidance_scale = args.guidance
     cfg.save_images = args.save_images
+    try:
+        cfg.am_lambda = check_am_lambda(args.am_lambda)
+    except ValueError:
+        raise CLIError(f"--am-lambda {args.am_lambda}: expected a number from 0 to 1") from None
     _threads(args.threads)
     from fam.distributed import init
 
@@ -109,6 +113,8 @@ def add_eval_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--am-layers", default=None, metavar="LAYERS",
                    help="comma-separated self-attention layers or block prefixes for AM in modes am and fam "
                         "(default: up_blocks.0, as in the paper), e.g. up_blocks.0,up_blocks.1")
+    p.add_argument("--am-lambda", type=float, default=0.7, metavar="LAMBDA",
+                   help="AM blend weight of the native attention, 0 to 1 (default 0.7, as in the paper)")
     p.add_argument("--out", default=default_out, help="folder for quality.csv and quality.md")
     p.add_argument("--csv", default=None, help="CSV path (overrides --out; '' to skip)")
     p.add_argument("--md", default=None, help="markdown path (overrides --out; '' to skip)")

@@ -55,6 +55,17 @@ def caption(shape: str, color: str, background: str) -> str:
     return f"a {color} {shape} on a {background} background"
 
 
+def parse_caption(text: str) -> Tuple[str, str, str]:
+    """(shape, color, background) of a caption of the grammar; ValueError otherwise."""
+    words = text.split()
+    if len(words) == 8 and words[0] == "a" and words[3:5] == ["on", "a"] and words[7] == "background":
+        shape, color, background = words[2], words[1], f"{words[5]} {words[6]}"
+        if shape in SHAPES and color in COLOR_RGB and background in BACKGROUNDS \
+                and caption(shape, color, background) == text:
+            return shape, color, background
+    raise ValueError(f"{text!r} is not a caption of the grammar 'a {{color}} {{shape}} on a {{background}} background'")
+
+
 def vocabulary_words() -> List[str]:
     """Every word the grammar can produce (the tokenizer's vocabulary)."""
     words = ["a", "on", "background"] + SHAPES + COLORS + PATTERNS + TONES

@@ -6,7 +6,11 @@ measure
   * object count (fam_demo.segmentation) -> share of images with exactly one object;
   * structure consistency: PSNR / SSIM of the high-res image area-downsampled to the
     native size against the native image of the same prompt and seed;
-  * detail: high-band spectral energy relative to a bicubic upscale of the native.
+  * detail: high-band spectral energy relative to a bicubic upscale of the native;
+  * local quality (fam_demo.metrics.local_quality, validated on rendered ground truth):
+    hue error of the main object against the prompt's colour and against the native
+    image's object, boundary deviation from the native object's outline, and the area
+    of saturated specks too small to count as objects.
 Shared by ``benchmarks/eval_quality.py`` and ``fam eval``.
 """
 
@@ -26,8 +30,8 @@ from fam._io import atomic_open, save_png
 from fam.modes import MODES as MODE_DEFINITIONS
 from fam_kernels._device import device_description
 
-from .dataset import caption
-from .metrics import consistency, detail_ratio, to_float
+from .dataset import caption, parse_caption
+from .metrics import consistency, detail_ratio, local_quality, to_float
 from .segmentation import count_objects
 
 
@@ -68,6 +72,7 @@ class EvalConfig:
     guidance_scale: float = DEFAULT_GUIDANCE
     save_images: Optional[str] = None  # folder for the generated PNGs
     am_layers: Optional[Sequence[str]] = None  # None: the paper's up_blocks.0 (FAMPipeline's default)
+    am_lambda: float = 0.7  # AM blend weight (the paper's and FAMPipeline's default)
 
     @classmethod
     def quick(cls) -> "EvalConfig":
@@ -90,6 +95,24 @@ class Sample:
     ssim: float
     detail: float
     seconds: float
+    hue_prompt: float = math.nan  # degrees; nan without object or when the prompt is not a grammar caption
+    hue_native: float = math.nan  # degrees; nan without object in either image
+    boundary: float = math.nan  # native pixels; nan without object in either image
+    speckle: float = math.nan  # per mille of the image area
+
+
+def _prompt_color(prompt: str) -> Optional[str]:
+    try:
+        return parse_caption(prompt)[1]
+    except ValueError:
+        return None
+
+
+def check_am_lambda(value: float) -> float:
+    """``value`` if it is a valid AM weight (0 <= lambda <= 1), else ValueError."""
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):  # also refuses nan
+        raise ValueError(f"am_lambda={value!r} must be in [0, 1]")
+    return float(value)
 
 
 def _np(img) -> np.ndarray:
@@ -123,6 +146,7 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print,
         from fam.attention import resolve_am_layers
 
         resolve_am_layers(fam_pipe.pipe.unet, config.am_layers)  # a bad name fails before any generation
+    check_am_lambda(config.am_lambda)
     samples: List[Sample] = []
     natives: Dict[Tuple[str, int], np.ndarray] = {}
     modes = sorted(config.modes, key=lambda m: m == "direct")  # native-pass modes first
@@ -140,6 +164,7 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print,
                     k += 1
                     t0 = time.perf_counter()
                     out = fam_pipe(prompt=prompt, scale=SCALES[scale_name], mode=mode, am_layers=config.am_layers,
+                                   am_lambda=config.am_lambda,
                                    num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
                                    generator=torch.Generator().manual_seed(seed), output_type="np")
                     dt = time.perf_counter() - t0
@@ -154,8 +179,10 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print,
                         natives[(prompt, seed)] = _np(ref.native_images[0])
                     native = natives[(prompt, seed)]
                     p, s = consistency(high, native)
+                    local = local_quality(high, native, _prompt_color(prompt))
                     sample = Sample(prompt, seed, mode, scale_name, count_objects(high), count_objects(native),
-                                    p, s, detail_ratio(high, native), dt)
+                                    p, s, detail_ratio(high, native), dt, local.hue_error_prompt,
+                                    local.hue_error_native, local.boundary, local.speckle)
                     samples.append(sample)
                     if config.save_images:
                         base = os.path.join(config.save_images, f"{_slug(prompt)}_s{seed}")
@@ -165,13 +192,16 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print,
                     eta = (time.perf_counter() - t_all) / k * (total - k)
                     log(f"[{k}/{total}] {mode:>13} {scale_name} seed {seed} '{prompt}': {dt:.1f}s "
                         f"count={sample.count} psnr={p:.1f} ssim={s:.3f} detail={sample.detail:.2f} "
+                        f"hue={local.hue_error_prompt:.1f}/{local.hue_error_native:.1f} "
+                        f"boundary={local.boundary:.2f} speckle={local.speckle:.2f} "
                         f"(eta {eta / 60:.1f} min)")
     native_counts = [count_objects(img) for img in natives.values()]
-    return samples, _native_stats(sum(c == 1 for c in native_counts), len(native_counts))
+    size = "x".join(str(v) for v in next(iter(natives.values())).shape[:2]) if natives else "?"
+    return samples, _native_stats(sum(c == 1 for c in native_counts), len(native_counts), size)
 
 
-def _native_stats(ones: int, n: int) -> Dict:
-    return {"one_object_share": ones / n if n else math.nan, "n": n, "ones": ones}
+def _native_stats(ones: int, n: int, size: str) -> Dict:
+    return {"one_object_share": ones / n if n else math.nan, "n": n, "ones": ones, "size": size}
 
 
 def merge_shards(config: EvalConfig, shards: Sequence[Tuple[List[Sample], Dict]]) -> Tuple[List[Sample], Dict]:
@@ -181,7 +211,9 @@ def merge_shards(config: EvalConfig, shards: Sequence[Tuple[List[Sample], Dict]]
     modes = sorted(config.modes, key=lambda m: m == "direct")
     samples = sorted((s for part, _ in shards for s in part),
                      key=lambda s: (unit[(s.prompt, s.seed)], modes.index(s.mode), list(config.scales).index(s.scale)))
-    return samples, _native_stats(sum(stats["ones"] for _, stats in shards), sum(stats["n"] for _, stats in shards))
+    size = next((stats["size"] for _, stats in shards if stats["size"] != "?"), "?")
+    return samples, _native_stats(sum(stats["ones"] for _, stats in shards), sum(stats["n"] for _, stats in shards),
+                                  size)
 
 
 @dataclass
@@ -196,6 +228,15 @@ class Row:
     ssim: float
     detail: float
     seconds: float
+    hue_prompt: float = math.nan  # means over the samples where the metric is defined (nan if none)
+    hue_native: float = math.nan
+    boundary: float = math.nan
+    speckle: float = math.nan
+
+
+def _finite_mean(values) -> float:
+    v = [x for x in values if math.isfinite(x)]
+    return float(np.mean(v)) if v else math.nan
 
 
 def aggregate(samples: Sequence[Sample]) -> List[Row]:
@@ -219,24 +260,33 @@ def aggregate(samples: Sequence[Sample]) -> List[Row]:
             ssim=float(np.mean([s.ssim for s in group])),
             detail=float(np.exp(np.mean([math.log(max(s.detail, 1e-12)) for s in group]))),
             seconds=float(np.mean([s.seconds for s in group])),
+            hue_prompt=_finite_mean(s.hue_prompt for s in group),
+            hue_native=_finite_mean(s.hue_native for s in group),
+            boundary=_finite_mean(s.boundary for s in group),
+            speckle=_finite_mean(s.speckle for s in group),
         ))
     return rows
 
 
 COLUMNS = ["scale", "mode", "n", "one_object", "one_object_given_native", "mean_count", "psnr", "ssim", "detail",
-           "seconds"]
+           "seconds", "hue_err_prompt_deg", "hue_err_native_deg", "boundary_native_px", "speckle_permille"]
 HEADERS = ["scale", "mode", "n", "1 object", "1 object | native 1", "mean count", "PSNR dB", "SSIM", "detail x bicubic",
-           "s/image"]
+           "s/image", "hue err vs prompt deg", "hue err vs native deg", "boundary dev px", "speckle permille"]
 
 
 def _percent(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.0%}"
 
 
+def _num(x: float, digits: int) -> str:
+    return "-" if math.isnan(x) else f"{x:.{digits}f}"
+
+
 def _fmt(row: Row) -> List[str]:
     return [row.scale, row.mode, str(row.n), f"{row.one_object:.0%}", _percent(row.one_object_given_native),
             f"{row.mean_count:.2f}",
-            f"{row.psnr:.2f}", f"{row.ssim:.3f}", f"{row.detail:.2f}", f"{row.seconds:.1f}"]
+            f"{row.psnr:.2f}", f"{row.ssim:.3f}", f"{row.detail:.2f}", f"{row.seconds:.1f}",
+            _num(row.hue_prompt, 1), _num(row.hue_native, 1), _num(row.boundary, 2), _num(row.speckle, 2)]
 
 
 def format_table(rows: Sequence[Row]) -> str:
@@ -260,7 +310,8 @@ def write_csv(rows: Sequence[Row], path: str) -> None:
         for r in rows:
             w.writerow([r.scale, r.mode, r.n, f"{r.one_object:.4f}", f"{r.one_object_given_native:.4f}",
                         f"{r.mean_count:.4f}", f"{r.psnr:.4f}",
-                        f"{r.ssim:.5f}", f"{r.detail:.4f}", f"{r.seconds:.3f}"])
+                        f"{r.ssim:.5f}", f"{r.detail:.4f}", f"{r.seconds:.3f}", f"{r.hue_prompt:.3f}",
+                        f"{r.hue_native:.3f}", f"{r.boundary:.4f}", f"{r.speckle:.4f}"])
 
 
 def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_stats: Dict, extra: str = "") -> None:
@@ -268,20 +319,29 @@ def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_st
         "# Quality evaluation: FAM ablation on the embedded demo model",
         "",
         f"{len(config.prompts)} prompts x {len(config.seeds)} seeds, {config.steps} steps, "
-        f"guidance {config.guidance_scale}. Native images (64x64) with exactly one object: "
+        f"guidance {config.guidance_scale}. Native images ({native_stats.get('size', '?')}) with exactly one object: "
         f"{native_stats['one_object_share']:.0%} of {native_stats['n']}.",
         "",
-        f"AM layers: {', '.join(config.am_layers) if config.am_layers else 'up_blocks.0 (default)'}. "
+        f"AM layers: {', '.join(config.am_layers) if config.am_layers else 'up_blocks.0 (default)'}; "
+        f"AM lambda {config.am_lambda:g}. "
         f"Machine: {device_description()}; torch {torch.__version__}.",
         "",
         "- **1 object**: share of high-res images where the segmentation finds exactly one object "
         "(the prompts ask for one);",
         "- **1 object | native 1**: the same share among the samples whose native image has exactly one object "
         "(does the high-res pass keep a correct layout single?);",
-        "- **PSNR / SSIM**: high-res image area-downsampled to 64x64 vs the native image (structure consistency);",
+        "- **PSNR / SSIM**: high-res image area-downsampled to the native size vs the native image "
+        "(structure consistency);",
         "- **detail x bicubic**: spectral energy above the native Nyquist band relative to a bicubic upscale of "
         "the native image (geometric mean; 1 = no added detail);",
-        "- **s/image**: wall time of one FAMPipeline call (native + high-res pass) on that machine.",
+        "- **s/image**: wall time of one FAMPipeline call (native + high-res pass) on that machine;",
+        "- **hue err vs prompt / vs native**: hue distance (degrees, 0-180) of the main object's median colour from "
+        "the prompt's colour / from the native image's object (clean renders: <= ~3);",
+        "- **boundary dev**: mean distance (native pixels) of the main object's outline from the native object's "
+        "outline upsampled, centroids aligned (clean renders: <= 0.25);",
+        "- **speckle**: area (per mille of the image) of saturated specks too small to count as objects "
+        "(clean renders: 0). The local metrics are means over the samples that have an object "
+        "(docs/demo.md, 'Local-quality metrics').",
         "",
         markdown_table(rows),
         "",

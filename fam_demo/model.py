@@ -24,40 +24,60 @@ VAE_FACTOR = 4
 MAX_TOKENS = 16  # tokenizer model_max_length == text encoders' max_position_embeddings
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
-VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(16, 32, 64),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=NATIVE_SIZE,
-    mid_block_add_attention=False,  # fully convolutional: decodes any size the same way
-)
-
+UNET_CHANNELS = (32, 64, 128)  # the shipped model's block_out_channels
+HEAD_DIM = 16
 TEXT_HIDDEN = 64
 TEXT_PROJECTION = 64
 TIME_EMBED = 16
 
-UNET_CONFIG = dict(
-    sample_size=NATIVE_SIZE // VAE_FACTOR,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 64, 128),
-    layers_per_block=1,
-    transformer_layers_per_block=(1, 1, 2),
-    attention_head_dim=(2, 4, 8),  # diffusers' name; these are head counts (head dim 16)
-    cross_attention_dim=2 * TEXT_HIDDEN,  # both encoders' penultimate states, concatenated
-    norm_num_groups=16,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=TIME_EMBED,
-    projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_PROJECTION,
-)
+
+def vae_config(native_size: int = NATIVE_SIZE) -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=native_size,
+        mid_block_add_attention=False,  # fully convolutional: decodes any size the same way
+    )
+
+
+def unet_config(native_size: int = NATIVE_SIZE, channels=UNET_CHANNELS, layers_per_block: int = 1,
+                transformer_layers=(1, 1, 2)) -> dict:
+    """SDXL's layout at any size: no attention at the top level, cross-attention in the
+    two lower levels, ``up_blocks.0`` the lowest-resolution cross-attention block
+    (native_size / 16 tokens a side: 4 x 4 at 64 px, 8 x 8 at 128 px), ``text_time``
+    added conditioning. ``channels`` are the three levels' widths (multiples of 16)."""
+    channels = tuple(int(c) for c in channels)
+    if native_size % (4 * VAE_FACTOR) or native_size < 16:
+        raise ValueError(f"native_size {native_size}: expected a multiple of {4 * VAE_FACTOR}")
+    if len(channels) != 3 or any(c <= 0 or c % HEAD_DIM for c in channels):
+        raise ValueError(f"channels {channels}: expected three positive multiples of {HEAD_DIM}")
+    return dict(
+        sample_size=native_size // VAE_FACTOR,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=channels,
+        layers_per_block=layers_per_block,
+        transformer_layers_per_block=tuple(transformer_layers),
+        attention_head_dim=tuple(c // HEAD_DIM for c in channels),  # diffusers' name; these are head counts
+        cross_attention_dim=2 * TEXT_HIDDEN,  # both encoders' penultimate states, concatenated
+        norm_num_groups=16,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED + TEXT_PROJECTION,
+    )
+
+
+VAE_CONFIG = vae_config()
+UNET_CONFIG = unet_config()
 
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -136,8 +156,10 @@ def make_tokenizer(directory: str):
 
 # ----------------------------------------------------------------------------- components
 
-def make_components(tokenizer_dir: str, seed: int = 0) -> Dict[str, object]:
-    """Freshly initialised (seeded) pipeline components."""
+def make_components(tokenizer_dir: str, seed: int = 0, vae: dict | None = None,
+                    unet: dict | None = None) -> Dict[str, object]:
+    """Freshly initialised (seeded) pipeline components; ``vae`` / ``unet`` are configs
+    (default: the shipped model's, :data:`VAE_CONFIG` and :data:`UNET_CONFIG`)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -157,13 +179,13 @@ def make_components(tokenizer_dir: str, seed: int = 0) -> Dict[str, object]:
         projection_dim=TEXT_PROJECTION,
     )
     torch.manual_seed(seed)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**(vae or VAE_CONFIG))
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
     torch.manual_seed(seed + 2)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
     torch.manual_seed(seed + 3)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**(unet or UNET_CONFIG))
     return dict(
         vae=vae,
         text_encoder=text_encoder,

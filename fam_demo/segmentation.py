@@ -39,6 +39,7 @@ class Segmentation:
     areas: List[int]  # pixel areas of the kept components, largest first
     mask: np.ndarray  # (H, W) bool foreground after closing
     labels: np.ndarray  # (H, W) int32, 0 = background, 1..count = kept components
+    foreground: np.ndarray | None = None  # (H, W) bool foreground before closing
 
 
 def background_color(img: np.ndarray) -> np.ndarray:
@@ -68,6 +69,11 @@ def _close(mask: np.ndarray, k: int) -> np.ndarray:
     return ero[0, 0].numpy() > 0.5
 
 
+def closing_kernel(h: int, w: int) -> int:
+    """Odd side of the closing kernel: ~2% of the image side."""
+    return max(1, int(round(0.02 * min(h, w)))) | 1
+
+
 def connected_components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
     """4-connected labelling by breadth-first search (labels 1..n)."""
     h, w = mask.shape
@@ -90,17 +96,17 @@ def connected_components(mask: np.ndarray) -> Tuple[np.ndarray, int]:
 
 def segment(image, min_area: float = MIN_AREA) -> Segmentation:
     """Segment the saturated objects of ``image`` (HxWx3 uint8/float, or 3xHxW)."""
-    mask = foreground_mask(image)
-    h, w = mask.shape
-    k = max(1, int(round(0.02 * min(h, w)))) | 1  # odd closing kernel
-    mask = _close(mask, k)
+    raw = foreground_mask(image)
+    h, w = raw.shape
+    mask = _close(raw, closing_kernel(h, w))
     labels, n = connected_components(mask)
     areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     keep = [i + 1 for i in np.argsort(-areas) if areas[i] >= max(min_area * h * w, 4)]
     relabel = np.zeros(n + 1, dtype=np.int32)
     for new, old in enumerate(keep, start=1):
         relabel[old] = new
-    return Segmentation(count=len(keep), areas=[int(areas[i - 1]) for i in keep], mask=mask, labels=relabel[labels])
+    return Segmentation(count=len(keep), areas=[int(areas[i - 1]) for i in keep], mask=mask, labels=relabel[labels],
+                        foreground=raw)
 
 
 def count_objects(image, min_area: float = MIN_AREA) -> int:

@@ -76,3 +76,10 @@ def test_bpe_makes_every_grammar_word_one_token():
     for w in D.vocabulary_words():
         assert w + "</w>" in tokens
     assert len(set(merges)) == len(merges)
+
+
+def test_parse_caption_inverts_caption():
+    assert D.parse_caption("a red star on a striped grey background") == ("star", "red", "striped grey")
+    for text in ["a red dragon on a striped grey background", "a red star on a grey background", "red star", ""]:
+        with pytest.raises(ValueError, match="not a caption of the grammar"):
+            D.parse_caption(text)

@@ -13,6 +13,7 @@ import fam
 import fam_demo as demo
 from fam_demo import commands
 from fam_demo.evaluation import (
+    COLUMNS,
     EVAL_SCENES,
     HEADERS,
     EvalConfig,
@@ -181,6 +182,8 @@ def test_eval_am_layers_reach_the_pipeline_and_are_checked_first(fam_pipe):
     (["eval", "--scales", "5x5"], "--scales '5x5': expected a comma-separated subset of 2x2,3x3,4x4,2x4"),
     (["eval", "--steps", "0"], "--steps 0: expected 1 or more"),
     (["eval", "--am-layers", "up_blocks.7"], "--am-layers 'up_blocks.7': 'up_blocks.7' names no self-attention"),
+    (["eval", "--am-lambda", "1.5"], "--am-lambda 1.5: expected a number from 0 to 1"),
+    (["eval", "--am-lambda", "nan"], "--am-lambda nan: expected a number from 0 to 1"),
     (["demo", "--steps", "0"], "--steps 0: expected 1 or more"),
 ])
 def test_demo_and_eval_refuse_bad_arguments_in_one_line(argv, message, tmp_path, capsys):
@@ -210,3 +213,44 @@ def test_markdown_table_has_one_cell_per_column():
     for line in markdown_table(row).splitlines():
         cells = re.split(r"(?<!\\)\|", line.strip())[1:-1]  # split on pipes that are not escaped
         assert len(cells) == len(HEADERS), line
+
+
+def test_eval_am_lambda_reaches_the_pipeline_and_is_checked_first(fam_pipe):
+    calls = []
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="am_lambda=.* must be in"):
+            run_eval(fam_pipe, EvalConfig(am_lambda=bad), log=calls.append)
+    assert calls == []  # refused before the first generation
+    cfg = EvalConfig(prompts=[demo.caption("diamond", "cyan", "plain beige")], seeds=(0,), modes=["am"],
+                     scales=["2x2"], steps=2)
+    paper = run_eval(fam_pipe, cfg, log=calls.append)[0][0]
+    cfg.am_lambda = 0.0
+    off = run_eval(fam_pipe, cfg, log=calls.append)[0][0]
+    assert (paper.psnr, paper.ssim, paper.detail) != (off.psnr, off.ssim, off.detail)
+
+
+def test_eval_reports_the_local_quality_metrics(fam_pipe, tmp_path):
+    cfg = EvalConfig(prompts=[demo.caption("square", "orange", "plain slate")], seeds=(0,), modes=["fam"],
+                     scales=["2x2"], steps=4, am_lambda=0.5)
+    rows = evaluate(cfg, str(tmp_path / "q.csv"), str(tmp_path / "q.md"), log=lambda m: None, fam_pipe=fam_pipe)
+    (sample,), _ = run_eval(fam_pipe, cfg, log=lambda m: None)
+    assert sample.speckle >= 0 and all(0 <= v <= 180 for v in (sample.hue_prompt, sample.hue_native)
+                                       if not np.isnan(v))
+    assert rows[0].speckle == sample.speckle
+    header, line = (tmp_path / "q.csv").read_text().splitlines()
+    assert header.split(",") == COLUMNS and COLUMNS[-4:] == ["hue_err_prompt_deg", "hue_err_native_deg",
+                                                            "boundary_native_px", "speckle_permille"]
+    assert len(line.split(",")) == len(COLUMNS)
+    md = (tmp_path / "q.md").read_text()
+    assert "AM lambda 0.5" in md and "speckle permille" in md and "Native images (64x64)" in md
+
+
+def test_aggregate_local_metrics_average_the_defined_values():
+    def sample(hue, boundary, speckle):
+        return Sample("p", 0, "fam", "2x2", 1, 1, psnr=20.0, ssim=0.5, detail=2.0, seconds=1.0, hue_prompt=hue,
+                      hue_native=hue, boundary=boundary, speckle=speckle)
+
+    (row,) = aggregate([sample(10.0, 0.5, 0.0), sample(float("nan"), float("nan"), 3.0), sample(20.0, 1.5, 0.0)])
+    assert (row.hue_prompt, row.hue_native, row.boundary, row.speckle) == (15.0, 15.0, 1.0, 1.0)
+    (empty,) = aggregate([sample(float("nan"), float("nan"), 0.0)])
+    assert np.isnan(empty.hue_prompt) and "| - | - | - | 0.00 |" in markdown_table([empty])
