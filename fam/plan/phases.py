@@ -121,7 +121,7 @@ class Tracer:
 
         start = time.perf_counter()
         with quiet(), torch.no_grad(), attention_kernels(self.attention), _schedules_on_cpu(), \
-                Trace() as trace:
+                Trace() as trace, _am_flops_counted(trace):
             encode = pipe.encode_prompt
 
             def encode_prompt(*args, **kwargs):
@@ -315,6 +315,36 @@ def _rebuilder(out):
     sample = empty_like(out.sample)
     cls = type(out)
     return lambda: cls(sample=sample())
+
+
+class _am_flops_counted:
+    """On meta, ``fam_kernels.am_attention`` runs its allocation model (plain aten calls,
+    no matmul): its FLOPs (the fused kernels' arithmetic) are added here, per call."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+
+    def __enter__(self):
+        import importlib
+
+        from .trace import _am_attention_flops
+
+        module = importlib.import_module("fam_kernels.am_attention")
+
+        self.module, self.original = module, module._meta_model
+        trace, original = self.trace, self.original
+
+        def counted(q, k, v, q_lr, k_lr, grid):
+            flops = _am_attention_flops(q, k, v, q_lr, k_lr)
+            trace.flops += flops
+            trace.flops_by_op["fam_kernels.am_attention"] = trace.flops_by_op.get("fam_kernels.am_attention", 0) + flops
+            return original(q, k, v, q_lr, k_lr, grid)
+        module._meta_model = counted
+        return self
+
+    def __exit__(self, *exc):
+        self.module._meta_model = self.original
+        return False
 
 
 class _schedules_on_cpu:
