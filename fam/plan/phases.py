@@ -241,7 +241,10 @@ class Tracer:
         return self._fp16_fix_vae
 
     def needs_upcast(self) -> bool:
-        return self.dtype == torch.float16 and bool(getattr(self.pipe.vae.config, "force_upcast", False))
+        """Whether the pipeline's own decode runs the VAE in fp32: diffusers' SDXL pipeline does
+        for an fp16 VAE whose config sets ``force_upcast``; its SD 1.x/2.x pipeline never does."""
+        return (self.meta.is_sdxl and self.dtype == torch.float16
+                and bool(getattr(self.pipe.vae.config, "force_upcast", False)))
 
     def decode(self, latent: Tuple[int, int], tiled: bool, fp16_fix: bool = False) -> DecodeTrace:
         """Diffusers' own decode and postprocess ("pt") inside the sampler's ``vae_tiling``:
