@@ -1,32 +1,25 @@
 """Every piece of the sampler the planner runs, imported in this one file.
 
-The planner traces the project's own code: the AM processors and their shared state
-(``fam.attention``), the native-attention source logic (capture, recompute up to the
-last AM layer), the FM and AM ops (``fam_kernels``), the VAE decode (``fam.vae``) and
-the sampler's automatic tiling threshold. When the sampler moves these, re-point the
-imports below; nothing else in ``fam.plan`` imports the sampler.
+The planner traces the project's own call: :class:`fam.pipeline.FAMPipeline` on the
+meta pipeline (its native pass under ``fam.record_native``, its high-res pass under
+``fam.modulate``: ``HighResRun``'s UNet forward wrapper with ``cfg_sequential``
+chunking and ``concat_outputs``, the AM sources of ``fam.sources``, the processors of
+``fam.attention``, FM through ``fam_kernels`` in ``callback_on_step_end``, the release of
+the native data after the last step), inside the wrapped diffusers pipeline's own
+``__call__``; the decode is diffusers' own, inside ``fam.vae.vae_tiling``. When the
+sampler moves these, re-point the imports below; nothing else in ``fam.plan`` imports
+the sampler.
 """
 
 from __future__ import annotations
 
-import fam_kernels
-
-from .. import vae as vae_io  # decode(pipe, latents, tiled=...)
-from ..attention import (  # noqa: F401  (re-exported for fam.plan.phases)
-    AttentionModulation,
-    installed_processors,
-    recompute_native_inputs,
-    resolve_am_layers,
-)
+from ..attention import FAMAttnProcessor, resolve_am_layers  # noqa: F401  (re-exported for fam.plan.phases)
 from ..modes import MODES  # noqa: F401
-
-decode = vae_io.decode
-lowpass_blend = fam_kernels.lowpass_blend
-fm_schedule = fam_kernels.fm_schedule
+from ..pipeline import FAMPipeline  # noqa: F401
+from ..sources import NativeAttentionSource  # noqa: F401
+from ..vae import vae_tiling  # noqa: F401
 
 
 def auto_tiling_min_pixels() -> int:
     """The sampler decodes with VAE tiling above this many pixels per image (``vae_tiling=None``)."""
-    from ..pipeline import FAMPipeline
-
     return int(getattr(FAMPipeline, "auto_tiling_min_pixels", 2 * 1024 * 1024))

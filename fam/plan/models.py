@@ -88,7 +88,10 @@ def _text_encoder(folder: str, name: str, cls_name: str, dtype):
 
 @contextmanager
 def quiet() -> Iterator[None]:
-    """diffusers warns on every ``.to(dtype)`` of a model built from a config; mute it meanwhile."""
+    """diffusers warns on every ``.to(dtype)`` of a model built from a config, and its decode
+    on ``upcast_vae`` (a FutureWarning); mute them meanwhile."""
+    import warnings
+
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
@@ -96,7 +99,9 @@ def quiet() -> Iterator[None]:
     for m in (diffusers_logging, transformers_logging):
         m.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
         for m, level in zip((diffusers_logging, transformers_logging), levels):
             m.set_verbosity(level)

@@ -22,7 +22,7 @@ from .options import (
     parse_bytes,
     required_memory,
 )
-from .phases import Tracer
+from .phases import TRACE_STEPS, Tracer
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PHASES = ("text", "native", "high_res", "decode", "decode_native")
@@ -151,50 +151,58 @@ class _Evaluator:
             return px[0] * px[1] > self.threshold
         return o.vae_tiling == "on"
 
+    def _source(self, o: Options) -> Optional[str]:
+        if not self.mode.attention_modulation:
+            return None
+        return "recompute" if o.am_source == "recompute" else "cache"
+
+    def call(self, o: Options):
+        return self.tracer.call(self.native_latent, self.target_latent, o.cfg, self._source(o), self.mode.name,
+                                steps=min(self.steps, TRACE_STEPS))
+
     def evaluate(self, o: Options) -> Row:
-        tr, steps, mode = self.tracer, self.steps, self.mode
-        am = mode.attention_modulation
-        chunks = 2 if o.cfg == "sequential" else 1
-        text = tr.text(o.cfg)
-        cache_gpu = am and o.am_source == "cache"
-        cache_cpu = am and o.am_source == "cache_cpu"
-        act, flops, transfer = {}, {}, 0
-        act["text"], flops["text"] = text.peak, text.flops
-        cache_total = 0
-        if mode.native_pass:
-            native = tr.native_step(self.native_latent, o.cfg, capture=cache_gpu or cache_cpu)
-            step_cache = native.cache_bytes
-            cache_total = steps * step_cache if cache_gpu else 0
-            if cache_gpu:
-                act["native"] = native.peak + (steps - 1) * step_cache
-            elif cache_cpu:
-                act["native"] = native.peak - step_cache + native.largest_layer_input
-                transfer += 2 * steps * step_cache  # device -> host while capturing, back in the high-res pass
-            else:
-                act["native"] = native.peak
-            flops["native"] = steps * native.flops
-        hr = tr.high_res_step(self.native_latent, self.target_latent, o.cfg,
-                              fm=mode.frequency_modulation or mode.skip_residual, am=am, steps=steps)
-        if am and o.am_source != "recompute":
-            hr_peak, _ = hr.segments["high_res"]
-            chunk_cache = step_cache // chunks
-            native_flops = hr.segments["native"][1]
-            held = cache_total if cache_gpu else native.largest_layer_input
-            act["high_res"] = max(hr_peak - chunk_cache + held, hr.segments.get("fm", (0, 0))[0] + cache_total)
-            flops["high_res"] = steps * (hr.flops - native_flops)
+        """A set's activations per phase from the traced call (:meth:`Tracer.call`): the
+        text encodings (the high-res pass's with the native data held), the native and
+        high-res loops, and each decode = bytes live when it starts + its own peak
+        (:meth:`Tracer.decode`). The native data per step (AM cache entries, recorded UNet
+        calls) is scaled from the traced steps to ``steps``; with the cache on the CPU it
+        is taken off the device and one layer input (copied back per AM layer) put on."""
+        steps, mode = self.steps, self.mode
+        call = self.call(o)
+        traced = call.steps
+        cache_cpu = mode.attention_modulation and o.am_source == "cache_cpu"
+        if cache_cpu:
+            held = call.largest_layer_input - traced * call.state_per_step
         else:
-            act["high_res"], flops["high_res"] = hr.peak, steps * hr.flops
-        decodes = [("decode", self.target_latent, self.target_px)]
+            held = (steps - traced) * call.state_per_step
+        cache_total = steps * call.state_per_step if self._source(o) == "cache" and not cache_cpu else 0
+        act, flops = {}, {}
+        native_image = 0
         if mode.native_pass:
-            decodes.append(("decode_native", self.native_latent, self.native_px))
+            native_decode = self.tracer.decode(self.native_latent, self._tiled(o, self.native_px), o.vae_fp16_fix)
+            native_image = native_decode.output_bytes  # the native images, returned with the result
+        act["text"] = max(call.peak("text_native"), call.peak("text_high_res") + held + native_image)
+        flops["text"] = call.flops("text_native") + call.flops("text_high_res")
+        if mode.native_pass:
+            act["native"] = call.peak("loop_native") + held
+            flops["native"] = steps * call.flops("loop_native") // traced
+        act["high_res"] = call.peak("loop_high_res") + held + native_image
+        flops["high_res"] = steps * call.flops("loop_high_res") // traced
         unreleased = {}
-        for name, latent, px in decodes:
-            d = tr.decode(latent, self._tiled(o, px), o.vae_fp16_fix)
-            act[name], flops[name] = d.peak, d.flops
-            unreleased[name] = d.peak + cache_total
+        target_decode = self.tracer.decode(self.target_latent, self._tiled(o, self.target_px), o.vae_fp16_fix)
+        act["decode"] = call.decode_start["high_res"] + native_image + target_decode.peak
+        flops["decode"] = target_decode.flops
+        unreleased["decode"] = act["decode"] + cache_total
+        if mode.native_pass:
+            act["decode_native"] = call.decode_start["native"] + held + native_decode.peak
+            flops["decode_native"] = native_decode.flops
+            unreleased["decode_native"] = act["decode_native"]
         phases = {name: self._weights(name, o) + a for name, a in act.items()}
         phases_unreleased = {**phases, **{n: self._weights(n, o) + a for n, a in unreleased.items()}}
-        transfer += self._offload_transfer(o, chunks, am)
+        chunks = 2 if o.cfg == "sequential" else 1
+        transfer = self._offload_transfer(o, chunks, mode.attention_modulation)
+        if cache_cpu:
+            transfer += 2 * steps * call.state_per_step  # device -> host while capturing, back in the high-res pass
         total_flops = sum(flops.values())
         seconds = total_flops / (self.tflops * 1e12) + transfer / (self.h2d * 1e9)
         return Row(o, max(phases.values()), phases, total_flops, transfer, seconds,
@@ -273,28 +281,26 @@ def plan(model="sdxl", height: Optional[int] = None, width: Optional[int] = None
     rows = [evaluator.evaluate(o) for o in candidates]
     default = next((r for r in rows if r.options == DEFAULT), rows[0])
 
-    # FLOPs of direct inference at the target size: the same UNet without FM/AM, no native pass
-    direct_step = tracer.high_res_step(sizes.native_latent, sizes.target_latent, "batched", fm=False, am=False,
-                                       steps=steps)
-    text, target_decode = tracer.text("batched"), tracer.decode(sizes.target_latent,
-                                                                evaluator._tiled(DEFAULT, sizes.target))
-    direct_flops = text.flops + steps * direct_step.flops + target_decode.flops
-    phase_flops = {"text": (text.flops, 1)}
+    # FLOPs of direct inference at the target size: the sampler's mode "direct" (one pass, no FM/AM)
+    traced = min(steps, TRACE_STEPS)
+    direct = tracer.call(sizes.native_latent, sizes.target_latent, "batched", None, "direct", steps=traced)
+    target_decode = tracer.decode(sizes.target_latent, evaluator._tiled(DEFAULT, sizes.target))
+    direct_flops = (direct.flops("text_high_res") + steps * direct.flops("loop_high_res") // traced
+                    + target_decode.flops)
+    call = evaluator.call(DEFAULT)
+    phase_flops = {"text": (call.flops("text_native") + call.flops("text_high_res"), 1)}
     if mode_spec.native_pass:
-        phase_flops["native_step"] = (tracer.native_step(sizes.native_latent, "batched", False).flops, steps)
-    hr = tracer.high_res_step(sizes.native_latent, sizes.target_latent, "batched",
-                              fm=mode_spec.frequency_modulation or mode_spec.skip_residual,
-                              am=mode_spec.attention_modulation, steps=steps)
-    phase_flops["high_res_step"] = (hr.flops, steps)
-    if "native" in hr.segments:
-        phase_flops["am_native_recompute"] = (hr.segments["native"][1], steps)
+        phase_flops["native_step"] = (call.flops("loop_native") // traced, steps)
+    phase_flops["high_res_step"] = (call.flops("loop_high_res") // traced, steps)
+    if "recompute" in call.segments:
+        phase_flops["am_native_recompute"] = (call.flops("recompute") // traced, steps)
     phase_flops["decode"] = (target_decode.flops, 1)
     if mode_spec.native_pass:
         phase_flops["decode_native"] = (tracer.decode(sizes.native_latent,
                                                       evaluator._tiled(DEFAULT, sizes.native)).flops, 1)
     am_cache = 0
     if mode_spec.attention_modulation:
-        am_cache = steps * tracer.native_step(sizes.native_latent, "batched", True).cache_bytes
+        am_cache = steps * evaluator.call(Options(am_source="cache")).state_per_step
 
     result = Plan(model=meta.name, mode=mode, native=sizes.native, target=sizes.target, steps=steps, dtype=dtype,
                   attention=attention, weights={n: weight_bytes(m) for n, m in meta.components.items()},

@@ -76,6 +76,7 @@ class Trace(TorchDispatchMode):
         self.segments: Dict[str, int] = {}
         self.segment_flops: Dict[str, int] = {}
         self._open_segments: Dict[str, int] = {}
+        self._segment_start_flops: Dict[str, int] = {}
         self._extra = _extra_flops()
 
     # ------------------------------------------------------------------ storages
@@ -118,6 +119,19 @@ class Trace(TorchDispatchMode):
             peak = self._open_segments.pop(name)
             self.segments[name] = max(self.segments.get(name, 0), peak)
             self.segment_flops[name] = self.segment_flops.get(name, 0) + self.flops - flops
+
+    def begin(self, name: str) -> None:
+        """Open segment ``name`` (closed by :meth:`end`), for phases that no ``with`` block spans."""
+        if name not in self._open_segments:
+            self._open_segments[name] = self.current
+            self._segment_start_flops[name] = self.flops
+
+    def end(self, name: str) -> None:
+        if name in self._open_segments:
+            peak = self._open_segments.pop(name)
+            self.segments[name] = max(self.segments.get(name, 0), peak)
+            flops = self.flops - self._segment_start_flops.pop(name)
+            self.segment_flops[name] = self.segment_flops.get(name, 0) + flops
 
     def segments_flops(self) -> Dict[str, tuple]:
         """name -> (peak bytes, FLOPs summed over its entries)."""
