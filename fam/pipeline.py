@@ -298,11 +298,18 @@ class FAMPipeline:
                           kwargs=kwargs)
         try:
             native_images = native_latent = cache_bytes = None
-            native = None
+            native, defer_decode = None, False
             if plan["start_image"] is not None:
                 native_latent = self._encode_start_image(plan)
                 native_images = self._start_image_output(plan, native_latent, output_type)
             elif mode_spec.native_pass:
+                # the AM cache must outlive the native pass: its image is decoded after the
+                # high-res pass has released the cache, not by the pipe with the cache held
+                # (unless the pipe decodes with more than the VAE, e.g. a safety checker)
+                defer_decode = (mode_spec.attention_modulation and plan["am_source"] == "cache"
+                                and output_type != "latent" and getattr(self.pipe, "safety_checker", None) is None)
+                native_kwargs = {**plan["native_kwargs"], "output_type": "latent"} if defer_decode \
+                    else plan["native_kwargs"]
                 self._current_pass = "native"
                 with ExitStack() as stack:
                     stack.enter_context(vae_io.vae_tiling(self.pipe.vae, plan["tiling"][0]))
@@ -310,12 +317,15 @@ class FAMPipeline:
                     native = stack.enter_context(record_native(
                         self.pipe, am_source=plan["am_source"] if mode_spec.attention_modulation else None,
                         am_layers=am_layers, am_cache_device=am_cache_device, cfg_sequential=cfg_sequential))
-                    native_out = self.pipe(**plan["native_kwargs"], return_dict=True)
+                    native_out = self.pipe(**native_kwargs, return_dict=True)
                 native_images = native_out.images
                 native_latent = native.latents
                 if native.source is not None:
                     cache_bytes = native.source.nbytes
                 if self.interrupt or native_latent is None:  # interrupted: no high-res pass
+                    if defer_decode:
+                        native.source.release()
+                        native_images = self._start_image_output(plan, native_out.images, output_type)
                     return self._output(None, native_images, cache_bytes, return_dict, memory_options)
 
             self._current_pass = "high_res"
@@ -332,6 +342,8 @@ class FAMPipeline:
                         upsample=upsample, cfg_sequential=cfg_sequential,
                         high_res_strength=high_res_strength))
                 images = high_res_pipe(**plan["high_res_kwargs"], return_dict=True).images
+            if native is not None and defer_decode:
+                native_images = self._start_image_output(plan, native_out.images, output_type)
         finally:
             self._current_pass = None
         return self._output(images, native_images, cache_bytes, return_dict, memory_options)

@@ -178,9 +178,12 @@ class _Evaluator:
         cache_total = steps * call.state_per_step if self._source(o) == "cache" and not cache_cpu else 0
         act, flops = {}, {}
         native_image = 0
+        # with the AM cache, FAMPipeline decodes the native image after the high-res pass
+        # has released the cache (fam/pipeline.py, defer_decode)
+        deferred = mode.attention_modulation and self._source(o) == "cache"
         if mode.native_pass:
             native_decode = self.tracer.decode(self.native_latent, self._tiled(o, self.native_px), o.vae_fp16_fix)
-            native_image = native_decode.output_bytes  # the native images, returned with the result
+            native_image = 0 if deferred else native_decode.output_bytes  # returned with the result
         act["text"] = max(call.peak("text_native"), call.peak("text_high_res") + held + native_image)
         flops["text"] = call.flops("text_native") + call.flops("text_high_res")
         if mode.native_pass:
@@ -193,7 +196,11 @@ class _Evaluator:
         act["decode"] = call.decode_start["high_res"] + native_image + target_decode.peak
         flops["decode"] = target_decode.flops
         unreleased["decode"] = act["decode"] + cache_total
-        if mode.native_pass:
+        if mode.native_pass and deferred:
+            act["decode_native"] = call.decode_start["high_res"] + target_decode.output_bytes + native_decode.peak
+            flops["decode_native"] = native_decode.flops
+            unreleased["decode_native"] = call.decode_start["native"] + held + native_decode.peak  # decoded by the pipe
+        elif mode.native_pass:
             act["decode_native"] = call.decode_start["native"] + held + native_decode.peak
             flops["decode_native"] = native_decode.flops
             unreleased["decode_native"] = act["decode_native"]

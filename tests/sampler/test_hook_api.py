@@ -136,3 +136,24 @@ def test_native_attention_is_released_before_the_decode(pipes, am_source):
     with pytest.raises(ValueError, match="release_native=False"):
         with fam.modulate(pipe, native, scale=2):
             pass
+
+
+def test_fam_pipeline_decodes_the_native_image_after_the_cache_is_released(pipes, monkeypatch):
+    """am_source="cache": the native image is decoded after the high-res pass released the
+    cache (not by the native call with the whole cache held); the pixels are the pipe's own."""
+    from fam import sources
+
+    pipe, events = pipes["sdxl"], []
+    decode, release = pipe.vae.decode, sources.CacheSource.release
+    monkeypatch.setattr(pipe.vae, "decode", lambda *a, **k: events.append("decode") or decode(*a, **k))
+    monkeypatch.setattr(sources.CacheSource, "release", lambda self: events.append("release") or release(self))
+
+    def run(am_source):
+        return FAMPipeline.from_pipe(pipe)("a red cube", num_inference_steps=STEPS, scale=2, am_source=am_source,
+                                           generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    cached = run("cache")
+    assert events == ["release", "decode", "decode"]  # high-res decode, then the deferred native one
+    recomputed = run("recompute")
+    assert torch.equal(cached.native_images, recomputed.native_images)
+    assert torch.equal(cached.images, recomputed.images)

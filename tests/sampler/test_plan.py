@@ -103,8 +103,9 @@ def test_plan_am_cache_on_device_costs_steps_times_one_step(tiny_plan):
     # the fix: the cache is released before the decode; unreleased it adds the whole cache there
     assert cache.peak_bytes_unreleased >= cache.phases["decode"] + tiny_plan.am_cache_bytes
     assert recompute.peak_bytes_unreleased == recompute.peak_bytes
-    # the native pass decodes (diffusers' own call) with the whole cache held (docs/plan.md)
-    assert cache.phases["decode_native"] - recompute.phases["decode_native"] >= tiny_plan.am_cache_bytes // 2
+    # with the cache, FAMPipeline decodes the native image after the release (docs/plan.md)
+    assert cache.phases["decode_native"] < recompute.phases["decode_native"] + tiny_plan.am_cache_bytes // 2
+    assert cache.peak_bytes_unreleased >= cache.phases["decode_native"]
 
 
 def test_plan_offload_lowers_the_peak_and_costs_time(tiny_plan):
