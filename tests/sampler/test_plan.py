@@ -103,8 +103,8 @@ def test_plan_am_cache_on_device_costs_steps_times_one_step(tiny_plan):
     # the fix: the cache is released before the decode; unreleased it adds the whole cache there
     assert cache.peak_bytes_unreleased >= cache.phases["decode"] + tiny_plan.am_cache_bytes
     assert recompute.peak_bytes_unreleased == recompute.peak_bytes
-    # with the cache, FAMPipeline decodes the native image after the release (docs/plan.md)
-    assert cache.phases["decode_native"] < recompute.phases["decode_native"] + tiny_plan.am_cache_bytes // 2
+    # with the cache, FAMPipeline decodes the native image after the release (docs/plan.md;
+    # the order itself: tests/sampler/test_hook_api.py)
     assert cache.peak_bytes_unreleased >= cache.phases["decode_native"]
 
 
