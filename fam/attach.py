@@ -271,23 +271,42 @@ class HighResRun(_Pass):
         self.reference_x0 = self.eps = None
 
     def extra_patches(self, patches: Patches) -> None:
-        """high_res_strength < 1: the pipe's scheduler keeps only the schedule's last
-        steps and starts its step index there, as diffusers' img2img does."""
+        """high_res_strength < 1: the pipe's loop runs only the schedule's last steps, and
+        its scheduler is in the state diffusers' img2img gives it -- the full schedule with
+        the begin index at the start step -- so each step uses that step's noise level and
+        multistep solvers see the real end of the schedule."""
         if self.high_res_strength == 1.0:
             return
         scheduler = self.pipe.scheduler
-        set_timesteps = scheduler.set_timesteps
-        handler = self
+        set_timesteps, scale_model_input = scheduler.set_timesteps, scheduler.scale_model_input
+        set_begin_index = getattr(scheduler, "set_begin_index", None)
+        handler, full = self, {}
 
         def set_timesteps_from_start(*args, **kwargs):
             out = set_timesteps(*args, **kwargs)
             if handler.active and handler.offset:
-                scheduler.timesteps = scheduler.timesteps[handler.offset:]
-                if hasattr(scheduler, "set_begin_index"):
-                    scheduler.set_begin_index(handler.offset)
+                full["timesteps"] = scheduler.timesteps
+                scheduler.timesteps = scheduler.timesteps[handler.offset:]  # what the pipe's loop iterates over
+                if set_begin_index is not None:
+                    set_begin_index(handler.offset)
             return out
 
+        def restore_full_schedule():  # the pipe holds its loop's timesteps by now
+            if "timesteps" in full:
+                scheduler.timesteps = full.pop("timesteps")
+
+        def keep_begin_index(begin_index: int = 0):  # text-to-image loops reset it to 0 before the loop
+            restore_full_schedule()
+            return set_begin_index(handler.offset if handler.active and handler.offset else begin_index)
+
+        def scale_model_input_full_schedule(*args, **kwargs):
+            restore_full_schedule()
+            return scale_model_input(*args, **kwargs)
+
         patches.set_attr(scheduler, "set_timesteps", set_timesteps_from_start)
+        patches.set_attr(scheduler, "scale_model_input", scale_model_input_full_schedule)
+        if set_begin_index is not None:
+            patches.set_attr(scheduler, "set_begin_index", keep_begin_index)
 
     @property
     def target_size(self) -> Tuple[int, int]:

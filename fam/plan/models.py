@@ -126,12 +126,7 @@ def load_meta_pipeline(model: str, dtype: torch.dtype = torch.float16) -> MetaPi
 def _load_meta_pipeline(model: str, dtype: torch.dtype) -> MetaPipeline:
     """The pipeline of ``model`` with UNet, VAE and text encoders built on meta in ``dtype``;
     tokenizers are fam.testing's offline character tokenizer (token ids only feed shapes)."""
-    from diffusers import (
-        AutoencoderKL,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers import schedulers as diffusers_schedulers
 
     folder = model_folder(model)
@@ -155,8 +150,16 @@ def _load_meta_pipeline(model: str, dtype: torch.dtype) -> MetaPipeline:
         entry = index.get(name)
         if entry and entry[1]:
             encoders[name] = _text_encoder(folder, name, entry[1], dtype)
+    pipe = _assemble(pipeline_class == "StableDiffusionXLPipeline", unet, vae, encoders, scheduler)
+    return MetaPipeline(name=model, pipe=pipe, dtype=dtype, components={"unet": unet, "vae": vae, **encoders})
+
+
+def _assemble(sdxl: bool, unet, vae, encoders: Dict[str, torch.nn.Module], scheduler):
+    """The diffusers pipeline around meta modules (no watermarker, no safety checker)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     tokenizer = _tokenizer(encoders)
-    if pipeline_class == "StableDiffusionXLPipeline":
+    if sdxl:
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders.get("text_encoder"),
                                          text_encoder_2=encoders.get("text_encoder_2"), tokenizer=tokenizer,
                                          tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
@@ -166,8 +169,7 @@ def _load_meta_pipeline(model: str, dtype: torch.dtype) -> MetaPipeline:
                                        unet=unet, scheduler=scheduler, safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    components = {"unet": unet, "vae": vae, **encoders}
-    return MetaPipeline(name=model, pipe=pipe, dtype=dtype, components=components)
+    return pipe
 
 
 def describe(meta: MetaPipeline) -> Dict[str, Dict[str, int]]:
@@ -198,19 +200,7 @@ def _meta_from_pipeline(pipe, dtype: Optional[torch.dtype]) -> MetaPipeline:
     unet, vae = unet.to(dtype).eval(), vae.to(dtype).eval()
     encoders = {name: module.to(dtype).eval() for name, module in encoders.items()}
     scheduler = inner.scheduler.__class__.from_config(inner.scheduler.config)
-    tokenizer = _tokenizer(encoders)
-    if isinstance(inner, StableDiffusionXLPipeline):
-        meta = StableDiffusionXLPipeline(vae=vae, text_encoder=encoders.get("text_encoder"),
-                                         text_encoder_2=encoders.get("text_encoder_2"), tokenizer=tokenizer,
-                                         tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
-                                         add_watermarker=False)
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        meta = StableDiffusionPipeline(vae=vae, text_encoder=encoders.get("text_encoder"), tokenizer=tokenizer,
-                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    meta.set_progress_bar_config(disable=True)
+    meta = _assemble(isinstance(inner, StableDiffusionXLPipeline), unet, vae, encoders, scheduler)
     return MetaPipeline(name=type(inner).__name__, pipe=meta, dtype=dtype, components={"unet": unet, "vae": vae,
                                                                                        **encoders})
 

@@ -38,12 +38,13 @@ def test_start_and_step_count_follow_diffusers_img2img(sdxl, monkeypatch, schedu
     original = sdxl.scheduler
     sdxl.scheduler = scheduler_cls.from_config(original.config)
     try:
-        seen = []
+        seen, indexes = [], []
         real = sdxl.unet.forward
 
         def forward(sample, timestep, *args, **kwargs):
             if getattr(type(sdxl), "fam_pass", None) == "high_res":
                 seen.append(float(timestep))
+                indexes.append(getattr(sdxl.scheduler, "step_index", None))
             return real(sample, timestep, *args, **kwargs)
 
         monkeypatch.setattr(sdxl.unet, "forward", forward)
@@ -52,6 +53,9 @@ def test_start_and_step_count_follow_diffusers_img2img(sdxl, monkeypatch, schedu
         img2img.scheduler.set_timesteps(steps)
         expected, count = img2img.get_timesteps(steps, strength, "cpu")
         assert seen == [float(t) for t in expected] and len(seen) == count
+        if indexes[0] is not None:  # schedulers that keep a step index: the noise level of that step
+            start = (steps - count) * img2img.scheduler.order
+            assert indexes == list(range(start, start + count))
         assert torch.isfinite(out.images).all()
     finally:
         sdxl.scheduler = original
