@@ -57,6 +57,25 @@ def _subset(flag: str, value: str, choices) -> list:
     return items
 
 
+def _shortened_pass(args: argparse.Namespace, steps: int) -> tuple:
+    """--high-res-strength / --high-res-steps checked as FAMPipeline checks them (range,
+    type, at least one high-res step left), before the model loads."""
+    from .evaluation import check_shortened_pass
+
+    strength, k = args.high_res_strength, args.high_res_steps
+    if not (0 < strength <= 1):  # also refuses nan
+        raise CLIError(f"--high-res-strength {strength:g}: expected a number in (0, 1]")
+    if k is not None:
+        _at_least_one("--high-res-steps", k)
+    try:
+        check_shortened_pass(steps, strength, k)
+    except ValueError as error:
+        flag = "--high-res-strength" if k is None else "--high-res-strength / --high-res-steps"
+        raise CLIError(f"{flag} {strength:g}{'' if k is None else f' / {k}'}: "
+                       f"leaves no high-res step of {k or steps} (int({k or steps} x {strength:g}) = 0)") from error
+    return strength, k
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fam.attention import resolve_am_layers
 
@@ -74,6 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.scales is not None:
         cfg.scales = _subset("--scales", args.scales, list(SCALES))
     cfg.steps = _at_least_one("--steps", args.steps)
+    cfg.high_res_strength, cfg.high_res_steps = _shortened_pass(args, cfg.steps)
     cfg.guidance_scale = args.guidance
     cfg.save_images = args.save_images
     try:
@@ -110,6 +130,13 @@ def add_eval_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--scales", default=None, help=f"comma-separated subset of {','.join(SCALES)}")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--high-res-strength", type=float, default=1.0, metavar="S",
+                   help="start the high-res pass where its schedule has S of its steps left, from the diffused "
+                        "upsampled native latent (0 < S <= 1; default 1.0, the paper); modes with a native pass "
+                        "only, direct always runs the full schedule")
+    p.add_argument("--high-res-steps", type=int, default=None, metavar="K",
+                   help="step count of the high-res schedule (default: --steps, the paper; the native pass keeps "
+                        "--steps); modes with a native pass only")
     p.add_argument("--am-layers", default=None, metavar="LAYERS",
                    help="comma-separated self-attention layers or block prefixes for AM in modes am and fam "
                         "(default: up_blocks.0, as in the paper), e.g. up_blocks.0,up_blocks.1")

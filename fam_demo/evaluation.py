@@ -73,6 +73,11 @@ class EvalConfig:
     save_images: Optional[str] = None  # folder for the generated PNGs
     am_layers: Optional[Sequence[str]] = None  # None: the paper's up_blocks.0 (FAMPipeline's default)
     am_lambda: float = 0.7  # AM blend weight (the paper's and FAMPipeline's default)
+    # The shortened high-res pass (FAMPipeline's high_res_strength / high_res_steps; defaults: the paper's),
+    # applied to the modes with a native pass; `direct` has no native latent to start from and always runs
+    # the full schedule (the baseline).
+    high_res_strength: float = 1.0
+    high_res_steps: Optional[int] = None  # None: num_inference_steps
 
     @classmethod
     def quick(cls) -> "EvalConfig":
@@ -99,6 +104,8 @@ class Sample:
     hue_native: float = math.nan  # degrees; nan without object in either image
     boundary: float = math.nan  # native pixels; nan without object in either image
     speckle: float = math.nan  # per mille of the image area
+    high_res_strength: float = 1.0  # as run (direct: 1.0)
+    high_res_steps: int = 0  # the high-res schedule's step count as run (0: unknown)
 
 
 def _prompt_color(prompt: str) -> Optional[str]:
@@ -115,6 +122,24 @@ def check_am_lambda(value: float) -> float:
     return float(value)
 
 
+def shortened_pass(mode: str, steps: int, high_res_strength: float = 1.0,
+                   high_res_steps: Optional[int] = None) -> Tuple[float, int]:
+    """The (high_res_strength, high_res_steps) that ``mode`` runs with: the given ones for
+    the modes with a native pass, the full schedule (1.0, ``steps``) for ``direct``."""
+    if not MODE_DEFINITIONS[mode].native_pass:
+        return 1.0, steps
+    return float(high_res_strength), int(high_res_steps or steps)
+
+
+def high_res_steps_run(steps: int, high_res_strength: float = 1.0, high_res_steps: Optional[int] = None) -> int:
+    """Denoising steps the high-res pass actually runs: int(K s) of the K-step schedule
+    (diffusers' img2img rule, as FAMPipeline applies it)."""
+    from fam.attach import start_step
+
+    k = high_res_steps or steps
+    return k - start_step(k, high_res_strength)
+
+
 def _np(img) -> np.ndarray:
     return to_float(img)
 
@@ -129,10 +154,62 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")
 
 
+def _shortened_suffix(sample: Sample, steps: int) -> str:
+    """File-name suffix of a shortened high-res pass ("" for the paper's)."""
+    if sample.high_res_strength == 1.0 and sample.high_res_steps in (0, steps):
+        return ""
+    return f"_hrs{sample.high_res_strength:g}_hrk{sample.high_res_steps}"
+
+
 def eval_units(config: EvalConfig) -> List[Tuple[str, int]]:
     """The (prompt, seed) pairs in evaluation order: the unit of work of one process
     (all modes and scales of a pair share its native image)."""
     return [(prompt, seed) for prompt in config.prompts for seed in config.seeds]
+
+
+def measure(fam_pipe, prompt: str, seed: int, mode: str, scale_name: str, natives: Dict[Tuple[str, int], np.ndarray],
+            *, steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+            am_layers: Optional[Sequence[str]] = None, am_lambda: float = 0.7, high_res_strength: float = 1.0,
+            high_res_steps: Optional[int] = None) -> Tuple[Sample, np.ndarray, np.ndarray]:
+    """Generate one image (timed: the whole FAMPipeline call) and measure it against the
+    native image of the same prompt and seed (kept in ``natives``; generated with
+    ``direct_native`` if no native-pass mode has run yet). The shortened high-res pass
+    applies to the modes with a native pass (:func:`shortened_pass`).
+    Returns the sample, the high-res image and the native image."""
+    strength, k = shortened_pass(mode, steps, high_res_strength, high_res_steps)
+    shortened = {} if not MODE_DEFINITIONS[mode].native_pass else {
+        "high_res_strength": strength, "high_res_steps": high_res_steps}
+    t0 = time.perf_counter()
+    out = fam_pipe(prompt=prompt, scale=SCALES[scale_name], mode=mode, am_layers=am_layers, am_lambda=am_lambda,
+                   num_inference_steps=steps, guidance_scale=guidance_scale,
+                   generator=torch.Generator().manual_seed(seed), output_type="np", **shortened)
+    dt = time.perf_counter() - t0
+    high = _np(out.images[0])
+    if out.native_images is not None and (prompt, seed) not in natives:
+        natives[(prompt, seed)] = _np(out.native_images[0])
+    if (prompt, seed) not in natives:
+        ref = fam_pipe(prompt=prompt, scale=(2, 2), mode="direct_native", num_inference_steps=steps,
+                       guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),
+                       output_type="np")
+        natives[(prompt, seed)] = _np(ref.native_images[0])
+    native = natives[(prompt, seed)]
+    p, s = consistency(high, native)
+    local = local_quality(high, native, _prompt_color(prompt))
+    sample = Sample(prompt, seed, mode, scale_name, count_objects(high), count_objects(native), p, s,
+                    detail_ratio(high, native), dt, hue_prompt=local.hue_error_prompt,
+                    hue_native=local.hue_error_native, boundary=local.boundary, speckle=local.speckle,
+                    high_res_strength=strength, high_res_steps=k)
+    return sample, high, native
+
+
+def check_shortened_pass(steps: int, high_res_strength: float = 1.0, high_res_steps: Optional[int] = None) -> None:
+    """FAMPipeline's own checks of the two arguments, before any generation (ValueError)."""
+    from fam.attach import check_number, check_strength, start_step
+
+    check_strength(high_res_strength)
+    if high_res_steps is not None:
+        check_number("high_res_steps", high_res_steps, low=1, integer=True)
+    start_step(high_res_steps or steps, high_res_strength)
 
 
 def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print,
@@ -147,6 +224,7 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print,
 
         resolve_am_layers(fam_pipe.pipe.unet, config.am_layers)  # a bad name fails before any generation
     check_am_lambda(config.am_lambda)
+    check_shortened_pass(config.steps, config.high_res_strength, config.high_res_steps)
     samples: List[Sample] = []
     natives: Dict[Tuple[str, int], np.ndarray] = {}
     modes = sorted(config.modes, key=lambda m: m == "direct")  # native-pass modes first
@@ -162,38 +240,23 @@ def run_eval(fam_pipe, config: EvalConfig, log: Callable[[str], None] = print,
             for mode in modes:
                 for scale_name in config.scales:
                     k += 1
-                    t0 = time.perf_counter()
-                    out = fam_pipe(prompt=prompt, scale=SCALES[scale_name], mode=mode, am_layers=config.am_layers,
-                                   am_lambda=config.am_lambda,
-                                   num_inference_steps=config.steps, guidance_scale=config.guidance_scale,
-                                   generator=torch.Generator().manual_seed(seed), output_type="np")
-                    dt = time.perf_counter() - t0
-                    high = _np(out.images[0])
-                    if out.native_images is not None and (prompt, seed) not in natives:
-                        natives[(prompt, seed)] = _np(out.native_images[0])
-                    if (prompt, seed) not in natives:
-                        ref = fam_pipe(prompt=prompt, scale=(2, 2), mode="direct_native",
-                                       num_inference_steps=config.steps,
-                                       guidance_scale=config.guidance_scale,
-                                       generator=torch.Generator().manual_seed(seed), output_type="np")
-                        natives[(prompt, seed)] = _np(ref.native_images[0])
-                    native = natives[(prompt, seed)]
-                    p, s = consistency(high, native)
-                    local = local_quality(high, native, _prompt_color(prompt))
-                    sample = Sample(prompt, seed, mode, scale_name, count_objects(high), count_objects(native),
-                                    p, s, detail_ratio(high, native), dt, local.hue_error_prompt,
-                                    local.hue_error_native, local.boundary, local.speckle)
+                    sample, high, native = measure(fam_pipe, prompt, seed, mode, scale_name, natives,
+                                                   steps=config.steps, guidance_scale=config.guidance_scale,
+                                                   am_layers=config.am_layers, am_lambda=config.am_lambda,
+                                                   high_res_strength=config.high_res_strength,
+                                                   high_res_steps=config.high_res_steps)
+                    p, s, dt = sample.psnr, sample.ssim, sample.seconds
                     samples.append(sample)
                     if config.save_images:
                         base = os.path.join(config.save_images, f"{_slug(prompt)}_s{seed}")
-                        save_png(_pil(high), f"{base}_{mode}_{scale_name}.png")
+                        save_png(_pil(high), f"{base}_{mode}_{scale_name}{_shortened_suffix(sample, config.steps)}.png")
                         if not os.path.exists(f"{base}_native.png"):
                             save_png(_pil(native), f"{base}_native.png")
                     eta = (time.perf_counter() - t_all) / k * (total - k)
                     log(f"[{k}/{total}] {mode:>13} {scale_name} seed {seed} '{prompt}': {dt:.1f}s "
                         f"count={sample.count} psnr={p:.1f} ssim={s:.3f} detail={sample.detail:.2f} "
-                        f"hue={local.hue_error_prompt:.1f}/{local.hue_error_native:.1f} "
-                        f"boundary={local.boundary:.2f} speckle={local.speckle:.2f} "
+                        f"hue={sample.hue_prompt:.1f}/{sample.hue_native:.1f} "
+                        f"boundary={sample.boundary:.2f} speckle={sample.speckle:.2f} "
                         f"(eta {eta / 60:.1f} min)")
     native_counts = [count_objects(img) for img in natives.values()]
     size = "x".join(str(v) for v in next(iter(natives.values())).shape[:2]) if natives else "?"
@@ -232,6 +295,8 @@ class Row:
     hue_native: float = math.nan
     boundary: float = math.nan
     speckle: float = math.nan
+    high_res_strength: float = 1.0
+    high_res_steps: int = 0
 
 
 def _finite_mean(values) -> float:
@@ -240,15 +305,20 @@ def _finite_mean(values) -> float:
 
 
 def aggregate(samples: Sequence[Sample]) -> List[Row]:
-    """One row per (scale, mode), in SCALES x MODES order. PSNR is averaged over finite
-    values; detail is the geometric mean of the ratios."""
+    """One row per (scale, mode, high_res_strength, high_res_steps), in SCALES x MODES
+    order, then from the longest high-res pass to the shortest. PSNR is averaged over
+    finite values; detail is the geometric mean of the ratios."""
     rows = []
     scale_order = {s: i for i, s in enumerate(SCALES)}
     mode_order = {m: i for i, m in enumerate(MODES)}
-    keys = sorted({(s.scale, s.mode) for s in samples},
-                  key=lambda k: (scale_order.get(k[0], 99), mode_order.get(k[1], 99)))
-    for scale, mode in keys:
-        group = [s for s in samples if s.scale == scale and s.mode == mode]
+
+    def key(s: Sample):
+        return s.scale, s.mode, s.high_res_strength, s.high_res_steps
+
+    keys = sorted({key(s) for s in samples},
+                  key=lambda k: (scale_order.get(k[0], 99), mode_order.get(k[1], 99), -k[2], -k[3]))
+    for scale, mode, strength, k in keys:
+        group = [s for s in samples if key(s) == (scale, mode, strength, k)]
         finite = [s.psnr for s in group if math.isfinite(s.psnr)]
         kept = [s.count == 1 for s in group if s.native_count == 1]
         rows.append(Row(
@@ -264,14 +334,25 @@ def aggregate(samples: Sequence[Sample]) -> List[Row]:
             hue_native=_finite_mean(s.hue_native for s in group),
             boundary=_finite_mean(s.boundary for s in group),
             speckle=_finite_mean(s.speckle for s in group),
+            high_res_strength=strength, high_res_steps=k,
         ))
     return rows
 
 
 COLUMNS = ["scale", "mode", "n", "one_object", "one_object_given_native", "mean_count", "psnr", "ssim", "detail",
-           "seconds", "hue_err_prompt_deg", "hue_err_native_deg", "boundary_native_px", "speckle_permille"]
+           "seconds", "hue_err_prompt_deg", "hue_err_native_deg", "boundary_native_px", "speckle_permille",
+           "high_res_strength", "high_res_steps"]
 HEADERS = ["scale", "mode", "n", "1 object", "1 object | native 1", "mean count", "PSNR dB", "SSIM", "detail x bicubic",
            "s/image", "hue err vs prompt deg", "hue err vs native deg", "boundary dev px", "speckle permille"]
+
+
+SHORTENED_HEADERS = ["high-res strength", "high-res steps"]
+
+
+def _shortened(rows: Sequence[Row]) -> bool:
+    """Whether any row ran a high-res pass other than the paper's (full strength, one
+    step count for all rows): the tables then show the two columns."""
+    return any(r.high_res_strength != 1.0 for r in rows) or len({r.high_res_steps for r in rows}) > 1
 
 
 def _percent(x: float) -> str:
@@ -282,24 +363,35 @@ def _num(x: float, digits: int) -> str:
     return "-" if math.isnan(x) else f"{x:.{digits}f}"
 
 
-def _fmt(row: Row) -> List[str]:
-    return [row.scale, row.mode, str(row.n), f"{row.one_object:.0%}", _percent(row.one_object_given_native),
+def _fmt(row: Row, shortened: bool = False) -> List[str]:
+    extra = [f"{row.high_res_strength:g}", str(row.high_res_steps)] if shortened else []
+    return [row.scale, row.mode, *extra, str(row.n), f"{row.one_object:.0%}", _percent(row.one_object_given_native),
             f"{row.mean_count:.2f}",
             f"{row.psnr:.2f}", f"{row.ssim:.3f}", f"{row.detail:.2f}", f"{row.seconds:.1f}",
             _num(row.hue_prompt, 1), _num(row.hue_native, 1), _num(row.boundary, 2), _num(row.speckle, 2)]
 
 
+def _headers(shortened: bool) -> List[str]:
+    return HEADERS[:2] + SHORTENED_HEADERS + HEADERS[2:] if shortened else list(HEADERS)
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    cells = [HEADERS] + [_fmt(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADERS))]
+    shortened = _shortened(rows)
+    headers = _headers(shortened)
+    cells = [headers] + [_fmt(r, shortened) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
     lines = ["  ".join(c[i].rjust(widths[i]) for i in range(len(c))) for c in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(_fmt(r)) + " |" for r in rows]
+    """The rows as markdown; the high-res strength / steps columns only where some row
+    differs from the paper's pass (:func:`_shortened`)."""
+    shortened = _shortened(rows)
+    headers = _headers(shortened)
+    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(r, shortened)) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -311,7 +403,8 @@ def write_csv(rows: Sequence[Row], path: str) -> None:
             w.writerow([r.scale, r.mode, r.n, f"{r.one_object:.4f}", f"{r.one_object_given_native:.4f}",
                         f"{r.mean_count:.4f}", f"{r.psnr:.4f}",
                         f"{r.ssim:.5f}", f"{r.detail:.4f}", f"{r.seconds:.3f}", f"{r.hue_prompt:.3f}",
-                        f"{r.hue_native:.3f}", f"{r.boundary:.4f}", f"{r.speckle:.4f}"])
+                        f"{r.hue_native:.3f}", f"{r.boundary:.4f}", f"{r.speckle:.4f}",
+                        f"{r.high_res_strength:g}", r.high_res_steps])
 
 
 def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_stats: Dict, extra: str = "") -> None:
@@ -324,6 +417,8 @@ def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_st
         "",
         f"AM layers: {', '.join(config.am_layers) if config.am_layers else 'up_blocks.0 (default)'}; "
         f"AM lambda {config.am_lambda:g}. "
+        f"High-res pass: strength {config.high_res_strength:g}, {config.high_res_steps or config.steps} steps "
+        f"(modes with a native pass; direct runs the full schedule). "
         f"Machine: {device_description()}; torch {torch.__version__}.",
         "",
         "- **1 object**: share of high-res images where the segmentation finds exactly one object "
