@@ -35,3 +35,31 @@ def test_top_band_share_separates_checkerboard_from_texture():
     stripes = np.repeat((0.5 + 0.25 * np.sin(2 * np.pi * x / 5.0))[..., None], 3, axis=2)  # period 5 px
     assert bf.top_band_share(checker, bf.NATIVE_SIZE) > 0.95
     assert bf.top_band_share(stripes, bf.NATIVE_SIZE) < 0.05
+
+
+def test_keep_begin_index_steps_a_shortened_pass_with_its_own_sigmas():
+    """The work-around for SDXL's set_begin_index(0) before its loop: with high_res_strength
+    0.5 of 4 steps the high-res pass's first step uses sigma index 2 (without it: 0)."""
+    import os
+
+    import torch
+
+    import fam
+    import fam_demo as demo
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    fp = fam.FAMPipeline.from_pipe(demo.load_pipeline())
+    fp.set_progress_bar_config(disable=True)
+    scheduler = fp.pipe.scheduler
+    bf.keep_begin_index(scheduler)
+    seen, step = [], scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        seen.append((sample.shape[-1], scheduler.step_index))
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    scheduler.step = recording_step
+    fp(prompt=demo.caption("star", "red", "plain grey"), scale=2, mode="fm", num_inference_steps=4,
+       high_res_strength=0.5, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert [index for width, index in seen if width == 32] == [2, 3]  # high-res latent 32 x 32
+    assert [index for width, index in seen if width == 16] == [0, 1, 2, 3]  # the native pass: untouched
