@@ -203,9 +203,15 @@ def aggregate(measured: Sequence[Measured], steps: int) -> List[Dict[str, object
     rows: List[Dict[str, object]] = []
     for scale in [s for s in SCALE_ORDER if any(m.scale == s for m in measured)]:
         group = [m for m in measured if m.scale == scale]
+        seen, once = set(), []  # direct runs twice a round (timing); its image counts once
+        for m in group:
+            key = (m.round, m.mode, m.high_res_strength, m.high_res_steps)
+            if key not in seen:
+                seen.add(key)
+                once.append(m)
         samples = [Sample(m.prompt, m.seed, m.mode, m.scale, m.count, m.native_count, m.psnr, m.ssim, m.detail,
                           m.seconds, high_res_strength=m.high_res_strength, high_res_steps=m.high_res_steps)
-                   for m in group]
+                   for m in once]
         fam_samples = [m for m in group if m.mode == "fam"]
         fit = _fit_ratio([m.steps_run for m in fam_samples], [m.time_ratio for m in fam_samples])
         scale_rows = []
