@@ -82,23 +82,6 @@ def reduced_settings(n: int, extra: Sequence[Tuple[float, int]] = ()) -> List[Tu
 
 # ------------------------------------------------------------------------------ measurement
 
-def keep_begin_index(scheduler) -> None:
-    """Work-around for a sampler bug found by this benchmark (2026-11-25): FAM cuts the
-    high-res pass's timesteps and sets the scheduler's begin index in ``set_timesteps``,
-    but StableDiffusionXLPipeline calls ``scheduler.set_begin_index(0)`` right before its
-    loop, so a sigma-indexed scheduler (Euler, the demo's and SDXL's) steps a pass that
-    starts at t_k with the sigmas of the schedule's start. On this scheduler instance, a
-    begin index of 0 after a cut becomes the cut's length (a no-op for full schedules and
-    once the sampler keeps its begin index itself)."""
-    original = scheduler.set_begin_index
-
-    def set_begin_index(begin_index: int = 0) -> None:
-        cut = len(scheduler.sigmas) - 1 - len(scheduler.timesteps) // getattr(scheduler, "order", 1)
-        original(cut if begin_index == 0 and cut > 0 else begin_index)
-
-    scheduler.set_begin_index = set_begin_index
-
-
 @dataclass
 class Measured:
     round: int
@@ -478,8 +461,6 @@ def main(argv=None) -> int:
                         "and rewrite the results in --out")
     p.add_argument("--reaggregate", action="store_true",
                    help="measure nothing: rewrite the tables, report and plot from frontier_samples.csv in --out")
-    p.add_argument("--no-begin-index-fix", action="store_true",
-                   help="measure the sampler as it is, without keep_begin_index's work-around")
     p.add_argument("--no-projection", action="store_true",
                    help="skip the fam.plan SDXL FLOP count (reuse frontier_flops.json in --out if there)")
     args = p.parse_args(argv)
@@ -534,8 +515,6 @@ def main(argv=None) -> int:
     if args.save_images:
         os.makedirs(args.save_images, exist_ok=True)
     fp = load_fam_pipeline(threads=args.threads)
-    if not args.no_begin_index_fix:
-        keep_begin_index(fp.pipe.scheduler)
     flops = None
     if not args.no_projection:
         t0 = time.perf_counter()
