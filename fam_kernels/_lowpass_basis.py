@@ -28,11 +28,12 @@ import torch
 
 def kept_bins(n: int, cutoff: float) -> int:
     """Number of rfft bins (0, 1, ...) of an n-point axis inside the band ``2|k| < cutoff``:
-    the integers 0 <= k <= n // 2 with k < cutoff / 2 (halving a float is exact)."""
+    the integers 0 <= k <= n // 2 with k < cutoff / 2. Any cutoff > 0 keeps k = 0, also a
+    subnormal one whose half underflows to 0."""
     cutoff = float(cutoff)
     if cutoff <= 0:
         return 0
-    return n // 2 + 1 if cutoff >= n + 2 else min(n // 2 + 1, math.ceil(cutoff / 2))  # inf: the full band
+    return n // 2 + 1 if cutoff >= n + 2 else min(n // 2 + 1, max(1, math.ceil(cutoff / 2)))  # inf: the full band
 
 
 def band_rank(n: int, kept: int) -> int:

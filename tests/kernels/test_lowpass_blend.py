@@ -182,6 +182,14 @@ def test_nan_poisons_its_plane_only(device, backend):
     assert torch.equal(fam_kernels.lowpass_blend(z, zr, 5, 0.0, backend=backend), z)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cutoff", [5e-324, 1e-320, 2.2e-308])  # subnormal / tiny: k = 0 is still in the band
+def test_tiny_positive_cutoff_keeps_the_mean(backend, cutoff):
+    z, zr = pair_of((1, 1, 3, 4))
+    out = fam_kernels.lowpass_blend(z, zr, cutoff, 1.0, backend=backend)
+    assert_matches_oracle(out, oracle(z, zr, cutoff, 1.0), floor=1e-5)
+
+
 @given(
     h=st.integers(1, 40), w=st.integers(1, 40), planes=st.integers(1, 3),
     ch=st.floats(0, 90, allow_nan=False), cw=st.floats(0, 90, allow_nan=False), gain=st.floats(0, 1),
