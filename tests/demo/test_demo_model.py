@@ -238,8 +238,8 @@ def test_eval_reports_the_local_quality_metrics(fam_pipe, tmp_path):
                                        if not np.isnan(v))
     assert rows[0].speckle == sample.speckle
     header, line = (tmp_path / "q.csv").read_text().splitlines()
-    assert header.split(",") == COLUMNS and COLUMNS[-4:] == ["hue_err_prompt_deg", "hue_err_native_deg",
-                                                            "boundary_native_px", "speckle_permille"]
+    assert header.split(",") == COLUMNS and COLUMNS[-6:-2] == ["hue_err_prompt_deg", "hue_err_native_deg",
+                                                              "boundary_native_px", "speckle_permille"]
     assert len(line.split(",")) == len(COLUMNS)
     md = (tmp_path / "q.md").read_text()
     assert "AM lambda 0.5" in md and "speckle permille" in md and "Native images (64x64)" in md
