@@ -17,6 +17,7 @@ A UNet call is handled as a :class:`UNetCall` (every argument by name); with
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -64,7 +65,7 @@ class UNetCall:
         return UNetCall({**self.kwargs, **changes})
 
 
-class NativeAttentionSource:
+class NativeAttentionSource(ABC):
     """Interface. ``native_call(step, chunk, call, run)`` is called around each native
     UNet chunk (``run()`` runs it); ``native_inputs(step, chunk, parts, call)`` returns
     the AM layer inputs for a high-res chunk."""
@@ -92,8 +93,9 @@ class NativeAttentionSource:
         if self.needs_trajectory:
             self.step_map = nearest_native_steps(self.native_timesteps, high_res_timesteps)
 
+    @abstractmethod
     def native_inputs(self, step: int, chunk: int, parts: int, call: UNetCall) -> Dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The AM layer inputs for high-res chunk ``chunk`` of ``parts`` at schedule index ``step``."""
 
     def _capture(self, call: UNetCall) -> Dict[str, torch.Tensor]:
         return recompute_native_inputs(self.am, lambda: self.run_native(call))
