@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._io import save_png
-from .jobs import default_model_path
+from .jobs import check_scale, default_model_path, is_int, is_number
 from .modes import AM_SOURCES, MODES, UPSAMPLE_MODES
 
 METADATA_KEY = "fam"
@@ -71,19 +71,11 @@ class CLIError(Exception):
 # Each check takes a value (from the command line or from a PNG's JSON) and returns it
 # normalised, or raises ValueError with the reason; the caller names the flag or field.
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _int_at_least(minimum: int, maximum: Optional[int] = None, optional: bool = False) -> Callable:
     def check(value):
         if value is None and optional:
             return None
-        if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
             bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
             raise ValueError(f"must be an integer {bound}")
         return value
@@ -102,7 +94,7 @@ def _finite(low: Optional[float] = None, high: Optional[float] = None, low_open:
     def check(value):
         if value is None and optional:
             return None
-        if not _is_number(value) or not math.isfinite(value) or (low is not None and (
+        if not is_number(value) or not math.isfinite(value) or (low is not None and (
                 value < low or (low_open and value == low))) or (high is not None and value > high):
             raise ValueError(f"must be {wanted}")
         return float(value)
@@ -137,14 +129,7 @@ def _flag(value):
 
 def scale_factors(text) -> Tuple[int, ...]:
     """"2" -> (2,), "2x4" -> (2, 4) (height factor x width factor); factors >= 1."""
-    parts = str(text).lower().split("x") if isinstance(text, (str, int)) and not isinstance(text, bool) else []
-    try:
-        factors = tuple(int(part) for part in parts)
-    except ValueError:
-        factors = ()
-    if len(factors) not in (1, 2) or min(factors) < 1:
-        raise ValueError("expected N or HxW with factors >= 1, e.g. 2 or 2x4")
-    return factors
+    return tuple(int(part) for part in check_scale(text).split("x"))
 
 
 def _scale(value) -> str:
@@ -179,7 +164,7 @@ def parse_lora(spec) -> List[Any]:
                 pass  # a ':' inside the path, no scale
     else:
         raise ValueError("expected PATH[:SCALE]")
-    if not _is_number(scale) or not math.isfinite(scale):
+    if not is_number(scale) or not math.isfinite(scale):
         raise ValueError("the LoRA scale must be a finite number")
     return [path, float(scale)]
 

@@ -36,17 +36,17 @@ def default_model_path() -> str:
     return MODEL_DIR
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_scale(value) -> str:
     """2, "2" or "2x4" -> "2" / "2x4" (height x width factors >= 1)."""
-    parts = str(value).lower().split("x") if (_is_int(value) or isinstance(value, str)) else []
+    parts = str(value).lower().split("x") if (is_int(value) or isinstance(value, str)) else []
     if len(parts) in (1, 2) and all(p.isdigit() and int(p) >= 1 for p in parts):
         return "x".join(str(int(p)) for p in parts)
     raise ValueError("expected N or HxW with factors >= 1, e.g. 2 or 2x4")
@@ -74,7 +74,7 @@ def _int(minimum: int, optional: bool = False) -> Callable:
     def check(value):
         if value is None and optional:
             return None
-        if not _is_int(value) or value < minimum:
+        if not is_int(value) or value < minimum:
             raise ValueError(f"expected an integer >= {minimum}")
         return value
     return check
@@ -84,7 +84,7 @@ def _number(optional: bool = False) -> Callable:
     def check(value):
         if value is None and optional:
             return None
-        if not _is_number(value):
+        if not is_number(value):
             raise ValueError("expected a number")
         return float(value)
     return check
@@ -105,7 +105,7 @@ def _flag(value):
 
 
 def _seed(value):
-    if not _is_int(value) or not 0 <= value < SEED_MODULUS:
+    if not is_int(value) or not 0 <= value < SEED_MODULUS:
         raise ValueError("expected an integer in [0, 2**64)")
     return value
 
