@@ -113,8 +113,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise CLIError(f"--am-layers {args.am_layers!r}: {str(error).removeprefix('am_layers: ')}") from None
     csv_path = os.path.join(args.out, "quality.csv") if args.csv is None else args.csv
     md_path = os.path.join(args.out, "quality.md") if args.md is None else args.md
+    samples_path = os.path.join(args.out, "quality_samples.csv") if args.samples_csv is None else args.samples_csv
     try:
-        evaluate(cfg, csv_path or None, md_path or None, log=lambda m: print(m, flush=True), fam_pipe=fp, ctx=ctx)
+        evaluate(cfg, csv_path or None, md_path or None, log=lambda m: print(m, flush=True), fam_pipe=fp, ctx=ctx,
+                 samples_path=samples_path or None)
     finally:
         ctx.close()
     return 0
@@ -142,8 +144,11 @@ def add_eval_arguments(p: argparse.ArgumentParser, default_out: str) -> None:
                         "(default: up_blocks.0, as in the paper), e.g. up_blocks.0,up_blocks.1")
     p.add_argument("--am-lambda", type=float, default=0.7, metavar="LAMBDA",
                    help="AM blend weight of the native attention, 0 to 1 (default 0.7, as in the paper)")
-    p.add_argument("--out", default=default_out, help="folder for quality.csv and quality.md")
+    p.add_argument("--out", default=default_out,
+                   help="folder for quality.csv, quality.md and quality_samples.csv (one row per image)")
     p.add_argument("--csv", default=None, help="CSV path (overrides --out; '' to skip)")
+    p.add_argument("--samples-csv", default=None,
+                   help="per-image CSV path, read by fam_demo.compare (overrides --out; '' to skip)")
     p.add_argument("--md", default=None, help="markdown path (overrides --out; '' to skip)")
     p.add_argument("--save-images", default=None, metavar="DIR", help="also save every generated image")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

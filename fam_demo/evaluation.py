@@ -407,6 +407,25 @@ def write_csv(rows: Sequence[Row], path: str) -> None:
                         f"{r.high_res_strength:g}", r.high_res_steps])
 
 
+SAMPLE_COLUMNS = ["prompt", "seed", "mode", "scale", "am_layers", "am_lambda", "high_res_strength", "high_res_steps",
+                  "count", "native_count", "psnr", "ssim", "detail", "hue_err_prompt_deg", "hue_err_native_deg",
+                  "boundary_native_px", "speckle_permille", "seconds"]
+
+
+def write_samples_csv(samples: Sequence[Sample], path: str, config: EvalConfig) -> None:
+    """One row per generated image (the paired comparisons of :mod:`fam_demo.compare`
+    read these); ``am_layers`` / ``am_lambda`` are the run's, "default" = up_blocks.0."""
+    layers = "+".join(config.am_layers) if config.am_layers else "default"
+    with atomic_open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SAMPLE_COLUMNS)
+        for s in samples:
+            w.writerow([s.prompt, s.seed, s.mode, s.scale, layers, f"{config.am_lambda:g}", f"{s.high_res_strength:g}",
+                        s.high_res_steps, s.count, s.native_count, f"{s.psnr:.4f}", f"{s.ssim:.5f}",
+                        f"{s.detail:.4f}", f"{s.hue_prompt:.3f}", f"{s.hue_native:.3f}", f"{s.boundary:.4f}",
+                        f"{s.speckle:.4f}", f"{s.seconds:.3f}"])
+
+
 def write_markdown(rows: Sequence[Row], path: str, config: EvalConfig, native_stats: Dict, extra: str = "") -> None:
     text = [
         "# Quality evaluation: FAM ablation on the embedded demo model",
@@ -463,8 +482,9 @@ def load_fam_pipeline(threads: Optional[int] = None, path: Optional[str] = None)
 
 def evaluate(config: EvalConfig, csv_path: Optional[str], md_path: Optional[str],
              log: Callable[[str], None] = print, fam_pipe=None, model_path: Optional[str] = None,
-             ctx=None) -> List[Row]:
-    """Run, print the table, write CSV + markdown. Returns the aggregated rows.
+             ctx=None, samples_path: Optional[str] = None) -> List[Row]:
+    """Run, print the table, write CSV + markdown (and with ``samples_path`` the
+    per-image CSV of :func:`write_samples_csv`). Returns the aggregated rows.
 
     ``ctx`` (a :class:`fam.distributed.Context`, e.g. under torchrun): each rank generates
     its share of the (prompt, seed) pairs; rank 0 gathers them and alone prints and writes
@@ -492,6 +512,9 @@ def evaluate(config: EvalConfig, csv_path: Optional[str], md_path: Optional[str]
     if csv_path:
         write_csv(rows, csv_path)
         log(f"wrote {csv_path}")
+    if samples_path:
+        write_samples_csv(samples, samples_path, config)
+        log(f"wrote {samples_path}")
     if md_path:
         write_markdown(rows, md_path, config, native_stats,
                        extra=f"Total evaluation time: {time.perf_counter() - t0:.0f} s.")

@@ -45,10 +45,12 @@ def _font(size: int):
 
 
 def _fit(img: Image.Image, cell: int) -> Image.Image:
-    """Scale to fit a cell x cell box; integer nearest-neighbour enlargement keeps pixels visible."""
+    """Scale so that the longer side is exactly ``cell``: every scale is shown at one
+    display size, side by side (the pixel size is in the column label). An integer
+    enlargement is nearest-neighbour (the pixels stay visible), any other is Lanczos."""
     w, h = img.size
-    if max(w, h) <= cell:
-        k = max(1, cell // max(w, h))
+    if cell % max(w, h) == 0:
+        k = cell // max(w, h)
         return img.resize((w * k, h * k), Image.NEAREST)
     f = cell / max(w, h)
     return img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.LANCZOS)
@@ -90,7 +92,7 @@ def _wrap(text: str, width: int = 30) -> str:
 
 def run_demo(fam_pipe, out_dir: str = "fam-demo-output", prompts: Sequence[str] = DEMO_PROMPTS,
              modes: Sequence[str] = DEMO_MODES, scales: Sequence[str] = DEMO_SCALES, steps: int = 25,
-             guidance_scale: float = 5.0, seed: int = 0, cell: int = 256,
+             guidance_scale: float = 5.0, seed: int = 0, cell: int = 384,
              log: Callable[[str], None] = print) -> DemoResult:
     os.makedirs(out_dir, exist_ok=True)
     out_dir = os.path.abspath(out_dir)

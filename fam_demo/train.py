@@ -4,7 +4,8 @@ Stages, each cached in ``--workdir`` so an interrupted run resumes:
   1. data     render the procedural dataset (``--images`` items at ``--native-size``,
               default 64 px), in shards of 1,000;
   2. vae      train the AutoencoderKL on random crops (default native/2 px; L1 + MSE +
-              small KL), checkpointed every ``--ckpt-every`` steps;
+              small KL), checkpointed every ``--ckpt-every`` steps; skipped with
+              ``--init-from`` (the VAE is fully convolutional: any image size);
   3. latents  encode the dataset (posterior means), set ``scaling_factor = 1/std``;
   4. unet     train UNet + both CLIP text encoders jointly (AdamW, warm-up then
               constant learning rate, epsilon prediction,
@@ -13,6 +14,9 @@ Stages, each cached in ``--workdir`` so an interrupted run resumes:
               randomised SDXL size micro-conditioning so any target size is in
               distribution). Every ``--ckpt-every`` steps the EMA pipeline is saved
               to ``<workdir>/pipeline`` (usable while training goes on).
+``--init-from DIR`` starts every component from the weights of a trained pipeline folder
+with the same architecture (e.g. the 64 px model, fine-tuned at 128 px: progressive
+resolution training, as SDXL itself was trained 256 -> 512 -> 1024 px).
 At the end the fp16 pipeline folder is written to ``--out`` (default fam_demo/model,
 which only a 64 px run may overwrite) with ``training.json`` (settings, times)
 and ``loss.csv`` (plotted by :mod:`fam_demo.loss_curves`).
@@ -52,7 +56,8 @@ from .dataset import generate_dataset
 
 # Settings that shape the data, the model or the random streams: a resumed run must use
 # the values of the first invocation (the others, e.g. --threads or --max-minutes, may change).
-FIXED_SETTINGS = ["seed", "images", "native_size", "unet_channels", "layers_per_block", "transformer_layers",
+FIXED_SETTINGS = ["seed", "init_from", "images", "native_size", "unet_channels", "layers_per_block",
+                  "transformer_layers",
                   "vae_steps", "vae_batch", "vae_crop", "vae_lr", "vae_kl", "batch", "lr", "warmup", "ema",
                   "min_snr", "cond_drop"]
 
@@ -149,6 +154,11 @@ def stage_vae(args, comps, data, stop: Stop) -> None:
     vae = comps["vae"]
     if os.path.exists(path):
         vae.load_state_dict(torch.load(path))
+        return
+    if args.init_from:  # the initial weights are the trained VAE
+        with _io.atomic_open(os.path.join(args.workdir, "vae_time.json"), "w") as f:
+            json.dump({"seconds": 0.0, "init_from": args.init_from}, f)
+        _save_torch(vae.state_dict(), path)
         return
     g = torch.Generator().manual_seed(args.seed + 10)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
@@ -396,6 +406,9 @@ def parse_args(argv=None):
                    help="UNet block widths, multiples of 16 (default 32,64,128)")
     p.add_argument("--layers-per-block", type=int, default=1)
     p.add_argument("--transformer-layers", type=_ints, default=[1, 1, 2], metavar="T1,T2,T3")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start every component from this trained pipeline folder (same architecture); "
+                        "the VAE is then not trained")
     p.add_argument("--images", type=int, default=16000)
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--vae-batch", type=int, default=16)
@@ -425,6 +438,10 @@ def parse_args(argv=None):
         M.unet_config(args.native_size, args.unet_channels, args.layers_per_block, args.transformer_layers)
     except ValueError as error:
         p.error(str(error))
+    if args.init_from is not None:
+        if not os.path.exists(os.path.join(args.init_from, "model_index.json")):
+            p.error(f"--init-from {args.init_from}: not a pipeline folder (no model_index.json)")
+        args.init_from = os.path.abspath(args.init_from)
     if not 0 < args.vae_crop <= args.native_size:
         p.error(f"--vae-crop {args.vae_crop}: expected 1 to --native-size ({args.native_size})")
     if args.out is None:
@@ -435,9 +452,18 @@ def parse_args(argv=None):
 
 
 def components(args, tok_dir: str) -> Dict[str, object]:
-    return M.make_components(tok_dir, seed=args.seed, vae=M.vae_config(args.native_size),
-                             unet=M.unet_config(args.native_size, args.unet_channels, args.layers_per_block,
-                                                args.transformer_layers))
+    comps = M.make_components(tok_dir, seed=args.seed, vae=M.vae_config(args.native_size),
+                              unet=M.unet_config(args.native_size, args.unet_channels, args.layers_per_block,
+                                                 args.transformer_layers))
+    if args.init_from:
+        trained = M.load_pipeline(path=args.init_from)
+        for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
+            try:
+                comps[name].load_state_dict(getattr(trained, name).state_dict())
+            except RuntimeError as error:
+                raise SystemExit(f"train_demo_model: --init-from {args.init_from}: its {name} does not match "
+                                 f"this run's architecture ({str(error).splitlines()[0]})") from None
+    return comps
 
 
 def measure_step_seconds(args, comps) -> Dict[str, float]:

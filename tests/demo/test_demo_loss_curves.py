@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from fam_demo.loss_curves import main, running_mean
+from fam_demo.loss_curves import join_stages, main, running_mean
 
 
 def test_running_mean_averages_the_last_window_values():
@@ -31,3 +31,20 @@ def test_a_missing_csv_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("loss_curves: error: FileNotFoundError") and err.count("\n") == 1
     assert os.listdir(tmp_path) == []
+
+
+def test_stages_follow_each_other_on_one_step_axis(tmp_path):
+    first = {"step": np.arange(3.0), "loss": np.ones(3)}
+    second = {"step": np.arange(2.0), "loss": np.zeros(2)}
+    joined = join_stages([first, second])
+    np.testing.assert_array_equal(joined["step"], [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(joined["stage"], [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(joined["loss"], [1, 1, 1, 0, 0])
+    rows = "step,loss,loss_avg100,lr,elapsed_s\n" + "".join(f"{s},1,1,0.001,{s}\n" for s in range(5))
+    (tmp_path / "a.csv").write_text(rows)
+    (tmp_path / "b.csv").write_text(rows)
+    (tmp_path / "vae.csv").write_text("step,l1,mse,kl_per_dim\n0,1,1,1\n1,1,1,1\n")
+    out = tmp_path / "c.png"
+    assert main(["--unet", f"{tmp_path / 'a.csv'},{tmp_path / 'b.csv'}", "--vae", str(tmp_path / "vae.csv"),
+                 "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,6 +12,7 @@ import torch
 import fam
 import fam_demo as demo
 from fam_demo import commands
+from fam_demo.compare import read_samples
 from fam_demo.evaluation import (
     COLUMNS,
     EVAL_SCENES,
@@ -43,7 +44,7 @@ def fam_pipe(pipe):
 
 
 def test_model_folder_is_small_fp16_safetensors():
-    assert model_size_bytes(MODEL_DIR) <= 30 * 1024 * 1024
+    assert model_size_bytes(MODEL_DIR) <= 40 * 1000 * 1000
     for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
         files = os.listdir(os.path.join(MODEL_DIR, sub))
         assert any(f.endswith(".safetensors") for f in files), sub
@@ -83,7 +84,8 @@ def test_training_text_encoding_matches_the_pipeline(pipe):
 def test_native_generation_offline(pipe):
     img = pipe(demo.caption("circle", "blue", "plain grey"), num_inference_steps=3,
                generator=torch.Generator().manual_seed(0), output_type="np").images
-    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+    n = demo.NATIVE_SIZE
+    assert img.shape == (1, n, n, 3) and np.isfinite(img).all()
 
 
 def test_native_images_follow_the_prompt(pipe):
@@ -101,7 +103,8 @@ def test_native_images_follow_the_prompt(pipe):
 def test_fam_pipeline_small_scale(fam_pipe):
     out = fam_pipe(prompt=demo.caption("star", "red", "striped grey"), scale=2, mode="fam", num_inference_steps=3,
                    generator=torch.Generator().manual_seed(0), output_type="np")
-    assert out.images.shape == (1, 128, 128, 3) and out.native_images.shape == (1, 64, 64, 3)
+    n = demo.NATIVE_SIZE
+    assert out.images.shape == (1, 2 * n, 2 * n, 3) and out.native_images.shape == (1, n, n, 3)
     assert np.isfinite(out.images).all()
 
 
@@ -128,11 +131,21 @@ def test_demo_writes_pngs_and_contact_sheet(fam_pipe, tmp_path):
     from PIL import Image
 
     sheet = Image.open(res.sheet)
-    assert sheet.width > 2 * 256 and sheet.height > 2 * 256
+    assert sheet.width > 2 * 384 and sheet.height > 2 * 384
     settings = [json.loads(Image.open(f).text["fam"]) for f in res.files]
     assert {(s.get("mode"), s.get("scale"), s.get("image")) for s in settings} == {
         ("fam", "2x2", None), ("direct", "2x2", None), (None, None, "native")}
     assert all(s["prompt"] == "a green ring on a plain grey background" and s["steps"] == 2 for s in settings)
+
+
+@pytest.mark.parametrize("height, width", [(128, 128), (256, 256), (384, 384), (512, 512), (256, 512), (64, 64)])
+def test_contact_sheet_shows_every_scale_at_one_display_size(height, width):
+    from PIL import Image
+
+    from fam_demo.showcase import _fit
+
+    shown = _fit(Image.new("RGB", (width, height)), 384)
+    assert max(shown.size) == 384 and shown.width * height == shown.height * width
 
 
 def test_eval_pipeline_end_to_end(fam_pipe, tmp_path):
@@ -152,9 +165,14 @@ def test_evaluate_writes_csv_and_markdown(fam_pipe, tmp_path):
     cfg = EvalConfig(prompts=[demo.caption("cross", "purple", "dotted beige")], seeds=(1,),
                      modes=["fam"], scales=["2x4"], steps=2)
     lines = []
-    rows = evaluate(cfg, str(tmp_path / "q.csv"), str(tmp_path / "q.md"), log=lines.append, fam_pipe=fam_pipe)
+    rows = evaluate(cfg, str(tmp_path / "q.csv"), str(tmp_path / "q.md"), log=lines.append, fam_pipe=fam_pipe,
+                    samples_path=str(tmp_path / "s.csv"))
     assert [(r.scale, r.mode, r.n) for r in rows] == [("2x4", "fam", 1)]
-    assert sorted(os.listdir(tmp_path)) == ["q.csv", "q.md"]
+    assert sorted(os.listdir(tmp_path)) == ["q.csv", "q.md", "s.csv"]
+    [sample] = read_samples([str(tmp_path / "s.csv")])
+    assert (sample["mode"], sample["scale"], sample["seed"], sample["am_layers"], sample["am_lambda"]) == (
+        "fam", "2x4", 1, "default", "0.7")
+    assert sample["psnr"] == pytest.approx(rows[0].psnr, abs=1e-4)
     md = (tmp_path / "q.md").read_text()
     assert "1 prompts x 1 seeds, 2 steps" in md and "Machine: " in md and "| 2x4 | fam | 1 |" in md
     assert any("2x4" in line and "fam" in line for line in lines)  # the printed table
@@ -242,7 +260,8 @@ def test_eval_reports_the_local_quality_metrics(fam_pipe, tmp_path):
                                                               "boundary_native_px", "speckle_permille"]
     assert len(line.split(",")) == len(COLUMNS)
     md = (tmp_path / "q.md").read_text()
-    assert "AM lambda 0.5" in md and "speckle permille" in md and "Native images (64x64)" in md
+    n = demo.NATIVE_SIZE
+    assert "AM lambda 0.5" in md and "speckle permille" in md and f"Native images ({n}x{n})" in md
 
 
 def test_aggregate_local_metrics_average_the_defined_values():

@@ -94,6 +94,31 @@ def test_signal_handlers_are_restored_after_a_run(uninterrupted):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's Ctrl-C still works
 
 
+def _safetensors(folder):
+    from safetensors.torch import load_file
+
+    return {sub: load_file(str(next((folder / sub).glob("*.safetensors"))))
+            for sub in ("unet", "vae", "text_encoder", "text_encoder_2")}
+
+
+def test_init_from_starts_every_component_from_a_trained_pipeline(uninterrupted, tmp_path):
+    """Zero UNet steps after --init-from give back the trained weights exactly (the VAE is
+    not retrained; data and latents are made at the new native size)."""
+    _, trained = uninterrupted
+    work, out = _run(tmp_path, "init", ["--init-from", str(trained), "--steps", "0", "--native-size", "48"])
+    before, after = _safetensors(trained), _safetensors(out)
+    for sub in before:
+        assert before[sub].keys() == after[sub].keys()
+        for k in before[sub]:
+            assert torch.equal(before[sub][k], after[sub][k]), (sub, k)
+    with open(out / "unet" / "config.json") as f:
+        assert json.load(f)["sample_size"] == 12
+    assert json.load(open(work / "vae_time.json"))["init_from"] == str(trained)
+    with pytest.raises(SystemExit, match="its unet does not match"):
+        T.main([*TINY[:2], "--unet-channels", "16,32,32", *TINY[4:], "--workdir", str(tmp_path / "other"),
+                "--out", str(tmp_path / "o"), "--init-from", str(trained)])
+
+
 def test_resume_refuses_changed_model_settings(uninterrupted, tmp_path):
     work, out = uninterrupted
     with pytest.raises(SystemExit, match="started with other --unet-channels"):
@@ -101,7 +126,8 @@ def test_resume_refuses_changed_model_settings(uninterrupted, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--native-size", "128"], "--out is required for a 128 px run"),
+    (["--native-size", "64"], "--out is required for a 64 px run"),
+    (["--init-from", "/nonexistent"], "--init-from /nonexistent: not a pipeline folder"),
     (["--native-size", "40", "--out", "x"], "native_size 40: expected a multiple of 16"),
     (["--unet-channels", "32,64"], "expected three positive multiples of 16"),
 ])

@@ -179,7 +179,7 @@ def test_sharded_eval_equals_single_process(tmp_path):
             tables.append([{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)])
     assert [(row["scale"], row["mode"], row["n"]) for row in tables[0]] == [("2x2", "direct", "4"), ("2x2", "fam", "4")]
     assert tables[0] == tables[1]
-    assert sorted(os.listdir(tmp_path / "two")) == ["quality.csv", "quality.md"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["quality.csv", "quality.md", "quality_samples.csv"]
 
 
 # ------------------------------------------------------------------------------ one process
