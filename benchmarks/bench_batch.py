@@ -68,7 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="4 jobs, 2 steps, 1 round")
     parser.add_argument("--jobs", type=int, default=None, help="prompts in the batch (default 12)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per pass (default 20)")
-    parser.add_argument("--scale", default="2", help="FAM scale (default 2: 64 px native -> 128 px)")
+    parser.add_argument("--scale", default="2", help="FAM scale (default 2: the demo model's 128 px native -> 256 px)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds, each runs every configuration (default 3)")
     parser.add_argument("--with-2-threads", action="store_true", help="also 1 process x 2 threads")
     parser.add_argument("--out", default=DEFAULT_OUT,

@@ -202,13 +202,47 @@ INTRO = ("Paired comparisons (fam_demo/compare.py): the variant against the base
          "interval excludes 0. Local metrics are compared only where both images have an object.")
 
 
+def plot(comparisons: Sequence[Comparison], png_path: str) -> None:
+    """One panel per metric: each comparison's improvement with its 95% interval, per
+    scale and pooled (0 = no difference; above 0 = the variant is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in METRICS if any(c.metric == m for c in comparisons)]
+    pairs = list(dict.fromkeys((c.baseline, c.variant) for c in comparisons))
+    scales = list(dict.fromkeys(c.scale for c in comparisons))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), layout="constrained", squeeze=False)
+    width = 0.8 / max(1, len(pairs))
+    for ax, metric in zip(axes[0], metrics):
+        for j, (base, var) in enumerate(pairs):
+            rows = {c.scale: c for c in comparisons if (c.baseline, c.variant, c.metric) == (base, var, metric)}
+            xs = [i + (j - (len(pairs) - 1) / 2) * width for i, sc in enumerate(scales) if sc in rows]
+            cs = [rows[sc] for sc in scales if sc in rows]
+            ax.errorbar(xs, [c.improvement for c in cs],
+                        yerr=[[c.improvement - c.low for c in cs], [c.high - c.improvement for c in cs]],
+                        fmt="o", capsize=2, markersize=3, label=f"{var.label} vs {base.label}")
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(scales)), scales)
+        ax.set_title(METRICS[metric][0] + " (better: up)", fontsize="small")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("improvement, 95% interval")
+    axes[0][0].legend(fontsize="x-small", loc="best")
+    with atomic_open(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", nargs="+", help="per-image CSVs written by fam eval (quality_samples.csv)")
     p.add_argument("--pair", action="append", default=None, metavar="BASE,VARIANT",
                    help="arms as mode[:am_layers[:am_lambda]] (repeatable; default: fm,fam and direct_native,am)")
-    p.add_argument("--out", default=".", help="folder for am_effect.csv and am_effect.md")
+    p.add_argument("--out", default=".", help="folder for <name>.csv, <name>.md and <name>.png")
     p.add_argument("--name", default="am_effect", help="file name stem (default am_effect)")
+    p.add_argument("--title", default=None, help="markdown title (default: from --name)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = p.parse_args(argv)
     for path in args.samples:
         if not os.path.isfile(path):
@@ -225,8 +259,10 @@ def main(argv=None) -> int:
     pooled = [c for c in comparisons if c.scale == "all"]
     os.makedirs(args.out, exist_ok=True)
     write_csv(comparisons, os.path.join(args.out, f"{args.name}.csv"))
-    text = ["# " + args.name.replace("_", " "), "", INTRO, "", "## All scales pooled", "", markdown(pooled), "",
-            "## Per scale", "", markdown([c for c in comparisons if c.scale != "all"]), ""]
+    if not args.no_plot:
+        plot(comparisons, os.path.join(args.out, f"{args.name}.png"))
+    text = ["# " + (args.title or args.name.replace("_", " ")), "", INTRO, "", "## All scales pooled", "",
+            markdown(pooled), "", "## Per scale", "", markdown([c for c in comparisons if c.scale != "all"]), ""]
     with atomic_open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write("\n".join(text))
     print(markdown(pooled))

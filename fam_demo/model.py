@@ -19,7 +19,7 @@ from .dataset import vocabulary_words
 
 MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
 
-NATIVE_SIZE = 64  # pixels; the VAE downsamples by 4 -> 16x16 latents
+NATIVE_SIZE = 128  # pixels; the VAE downsamples by 4 -> 32x32 latents, 8x8 tokens in up_blocks.0
 VAE_FACTOR = 4
 MAX_TOKENS = 16  # tokenizer model_max_length == text encoders' max_position_embeddings
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

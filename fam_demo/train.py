@@ -2,7 +2,7 @@
 
 Stages, each cached in ``--workdir`` so an interrupted run resumes:
   1. data     render the procedural dataset (``--images`` items at ``--native-size``,
-              default 64 px), in shards of 1,000;
+              default the shipped model's 128 px), in shards of 1,000;
   2. vae      train the AutoencoderKL on random crops (default native/2 px; L1 + MSE +
               small KL), checkpointed every ``--ckpt-every`` steps; skipped with
               ``--init-from`` (the VAE is fully convolutional: any image size);
@@ -18,7 +18,7 @@ Stages, each cached in ``--workdir`` so an interrupted run resumes:
 with the same architecture (e.g. the 64 px model, fine-tuned at 128 px: progressive
 resolution training, as SDXL itself was trained 256 -> 512 -> 1024 px).
 At the end the fp16 pipeline folder is written to ``--out`` (default fam_demo/model,
-which only a 64 px run may overwrite) with ``training.json`` (settings, times)
+which only a run at the shipped native size may overwrite) with ``training.json`` (settings, times)
 and ``loss.csv`` (plotted by :mod:`fam_demo.loss_curves`).
 
 Resumable at any moment: every file in the workdir is written atomically, a run killed
@@ -399,9 +399,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="/tmp/fam-demo-run")
     p.add_argument("--out", default=None,
-                   help="final pipeline folder (default: fam_demo/model for a 64 px run; required otherwise)")
+                   help=f"final pipeline folder (default: fam_demo/model for a {M.NATIVE_SIZE} px run; "
+                        "required otherwise)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--native-size", type=int, default=M.NATIVE_SIZE, help="training image size in px (default 64)")
+    p.add_argument("--native-size", type=int, default=M.NATIVE_SIZE,
+                   help=f"training image size in px (default {M.NATIVE_SIZE})")
     p.add_argument("--unet-channels", type=_ints, default=list(M.UNET_CHANNELS), metavar="C1,C2,C3",
                    help="UNet block widths, multiples of 16 (default 32,64,128)")
     p.add_argument("--layers-per-block", type=int, default=1)

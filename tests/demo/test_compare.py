@@ -80,5 +80,6 @@ def test_the_command_reads_eval_tables_and_writes_csv_and_markdown(tmp_path):
     assert table[("psnr", "2x2")]["verdict"] == "better"
     assert table[("boundary_native_px", "all")]["verdict"] == "no pairs"
     assert "| fm | fam | PSNR dB | all | 3 |" in (tmp_path / "am_effect.md").read_text()
+    assert (tmp_path / "am_effect.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         compare.main([str(tmp_path / "missing.csv")])

@@ -19,6 +19,7 @@ from PIL import Image
 
 from fam import batch, cli, distributed, jobs
 from fam_demo import caption
+from fam_demo.model import NATIVE_SIZE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = [caption("star", "red", "striped grey"), caption("circle", "blue", "checkered beige"),
@@ -202,7 +203,7 @@ def test_a_failed_job_is_recorded_and_the_batch_goes_on(tmp_path, capsys, monkey
     assert status[1]["line"] == 2 and "native_height=20" in status[1]["error"]
     with Image.open(os.path.join(out, jobs.output_name(2, PROMPTS[2]))) as image:
         meta = json.loads(image.text[cli.METADATA_KEY])
-        assert image.size == (256, 128)  # 2x4 of the 64 px native size, (width, height)
+        assert image.size == (4 * NATIVE_SIZE, 2 * NATIVE_SIZE)  # 2x4 of the native size, (width, height)
     assert (meta["seed"], meta["scale"], meta["mode"], meta["steps"], meta["job"]) == (7, "2x4", "direct", 2, 2)
     assert status[0]["seed"] == 10  # --seed 10 + job 0
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from fam import cli
 from fam.testing import tiny_controlnet, tiny_sdxl_pipeline
+from fam_demo.model import NATIVE_SIZE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -266,7 +267,8 @@ def test_default_model_is_the_embedded_demo_model(tmp_path):
     assert cli.main(["generate", "--prompt", "a red circle", "--steps", "1", "--seed", "0", "--out", str(out)]) == 0
     assert os.path.isfile(os.path.join(cli.default_model_path(), "model_index.json"))
     assert metadata(out)["model"] == cli.default_model_path()
-    assert Image.open(out).size == (128, 128)  # the demo model's 64 px native size x 2
+    n = 2 * NATIVE_SIZE  # the demo model's native size x 2
+    assert Image.open(out).size == (n, n)
     assert parameters(out)[1]["Model"] == "fam-demo"
 
 
