@@ -77,13 +77,14 @@ def plot_loss_curves(unet_csvs: Sequence[str] | str, vae_csv: str, png_path: str
     lr_ax.set(ylabel="learning rate")
     lines = unet_ax.get_legend_handles_labels()
     lr_lines = lr_ax.get_legend_handles_labels()
-    unet_ax.legend(lines[0] + lr_lines[0], lines[1] + lr_lines[1], fontsize="small", loc="upper right")
+    unet_ax.legend(lines[0] + lr_lines[0], lines[1] + lr_lines[1], fontsize="small",
+                   loc="lower left" if len(unet_csvs) > 1 else "upper right")
 
     for key, color in (("l1", "tab:blue"), ("mse", "tab:green")):
         vae_ax.plot(vae["step"] + 1, vae[key], color=color, alpha=0.25, linewidth=0.5)
         vae_ax.plot(vae["step"] + 1, running_mean(vae[key], 50), color=color, label=f"{key} (mean of 50)")
     vae_ax.set(yscale="log", xlabel="VAE step (batch 16 of 32x32 crops)", ylabel="reconstruction loss (log)",
-               title="VAE")
+               title="VAE" + (" (trained in the first stage, then reused)" if len(unet_csvs) > 1 else ""))
     kl_ax = vae_ax.twinx()
     kl_ax.plot(vae["step"] + 1, running_mean(vae["kl_per_dim"], 50), color="tab:red", linestyle="--",
                label="KL per latent dim (mean of 50)")
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--unet", default=f"{DOCS}/unet_loss_64px.csv,{DOCS}/unet_loss.csv",
                    help="the UNet loss CSV, or comma-separated CSVs of consecutive stages")
-    p.add_argument("--stage-labels", default="64 px,128 px (from the 64 px weights)",
+    p.add_argument("--stage-labels", default="64 px,128 px",
                    help="comma-separated labels of the stages ('' for none)")
     p.add_argument("--vae", default=f"{DOCS}/vae_loss.csv", help="the VAE loss CSV")
     p.add_argument("--out", default=f"{DOCS}/loss_curves.png", help="the PNG to write")

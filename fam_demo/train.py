@@ -561,6 +561,10 @@ def main(argv=None) -> int:
             "text_encoder_2_params": sum(p.numel() for p in comps["text_encoder_2"].parameters()),
             "invocations": _invocations(inv_path),
             "size_bytes": M.model_size_bytes(args.out)}
+    init_info = os.path.join(args.init_from or "", "training.json")
+    if args.init_from and os.path.exists(init_info):  # the earlier stage's record travels with the model
+        with open(init_info) as f:
+            info["init_from_training"] = json.load(f)
     with _io.atomic_open(os.path.join(args.out, "training.json"), "w") as f:
         json.dump(info, f, indent=1)
     _log(f"saved {args.out} ({info['size_bytes'] / 1e6:.1f} MB)")

@@ -114,6 +114,8 @@ def test_init_from_starts_every_component_from_a_trained_pipeline(uninterrupted,
     with open(out / "unet" / "config.json") as f:
         assert json.load(f)["sample_size"] == 12
     assert json.load(open(work / "vae_time.json"))["init_from"] == str(trained)
+    with open(out / "training.json") as f:
+        assert json.load(f)["init_from_training"]["settings"]["native_size"] == 32
     with pytest.raises(SystemExit, match="its unet does not match"):
         T.main([*TINY[:2], "--unet-channels", "16,32,32", *TINY[4:], "--workdir", str(tmp_path / "other"),
                 "--out", str(tmp_path / "o"), "--init-from", str(trained)])
