@@ -98,12 +98,21 @@ class Comparison:
         return "no measurable difference"
 
 
+REQUIRED = ["prompt", "seed", "mode", "scale", "am_layers", "am_lambda", "count", *list(METRICS)[1:]]
+
+
 def read_samples(paths: Sequence[str]) -> List[dict]:
-    """The rows of per-image CSVs, with ``one_object`` added (1.0 if count == 1)."""
+    """The rows of per-image CSVs, with ``one_object`` added (1.0 if count == 1);
+    ValueError naming the file when it is not one."""
     rows = []
     for path in paths:
         with open(path, newline="") as f:
-            for r in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: not a per-image CSV of fam eval (quality_samples.csv); "
+                                 f"missing columns {', '.join(missing)}")
+            for r in reader:
                 r["seed"] = int(r["seed"])
                 r["one_object"] = 1.0 if int(r["count"]) == 1 else 0.0
                 for m in METRICS:
@@ -254,7 +263,16 @@ def main(argv=None) -> int:
             pairs.append((Arm.parse(base), Arm.parse(var)))
         except ValueError:
             p.error(f"--pair {text!r}: expected BASE,VARIANT with each mode[:am_layers[:am_lambda]]")
-    rows = read_samples(args.samples)
+    try:
+        rows = read_samples(args.samples)
+    except ValueError as error:
+        p.error(f"samples {error}")
+    arms = {(r["mode"], r["am_layers"], r["am_lambda"]) for r in rows}
+    for base, var in pairs:
+        for arm in (base, var):
+            if (arm.mode, arm.am_layers, arm.am_lambda) not in arms:
+                p.error(f"--pair {base.label},{var.label}: no images of {arm.label} in the samples (they hold "
+                        + "; ".join(sorted(Arm(*a).label for a in arms)) + ")")
     comparisons = compare_all(rows, pairs)
     pooled = [c for c in comparisons if c.scale == "all"]
     os.makedirs(args.out, exist_ok=True)

@@ -83,3 +83,19 @@ def test_the_command_reads_eval_tables_and_writes_csv_and_markdown(tmp_path):
     assert (tmp_path / "am_effect.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         compare.main([str(tmp_path / "missing.csv")])
+
+
+def test_the_command_refuses_a_foreign_csv_and_an_arm_without_images(tmp_path, capsys):
+    foreign = tmp_path / "quality.csv"
+    foreign.write_text("scale,mode,n\n2x2,fam,3\n")
+    with pytest.raises(SystemExit):
+        compare.main([str(foreign)])
+    assert "not a per-image CSV of fam eval" in capsys.readouterr().err
+    path = tmp_path / "s.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SAMPLE_COLUMNS)
+        w.writerow(["a red star", 0, "fam", "2x2", "default", "0.7", "1", "20", 1, 1, 20, 0.5, 3, 1, 1, 1, 0, 1])
+    with pytest.raises(SystemExit):
+        compare.main([str(path), "--pair", "fm,fam", "--out", str(tmp_path)])
+    assert "--pair fm,fam: no images of fm in the samples (they hold fam)" in capsys.readouterr().err
