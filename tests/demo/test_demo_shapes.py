@@ -1,5 +1,7 @@
 """fam_demo.shapes: the shape classifier on rendered ground truth."""
 
+import os
+
 import numpy as np
 
 from fam_demo.dataset import SHAPES, render, sample_scene, scene_rng
@@ -22,3 +24,25 @@ def test_a_shape_fits_itself_far_better_than_its_nearest_rival():
 
 def test_no_object_has_no_shape():
     assert object_shape(np.full((64, 64, 3), 128, dtype=np.uint8)) is None
+
+
+def test_eval_shapes_reads_a_save_images_folder(tmp_path):
+    from PIL import Image
+
+    from benchmarks import eval_shapes
+    from fam_demo.dataset import caption
+    from fam_demo.evaluation import EVAL_SCENES, _slug
+
+    shape, color, background = EVAL_SCENES[0]
+    base = f"{_slug(caption(shape, color, background))}_s0"
+    scene = sample_scene(scene_rng(3, 0), shape=shape, color=color)
+    Image.fromarray(render(scene, 64)).save(tmp_path / f"{base}_native.png")
+    Image.fromarray(render(scene, 128)).save(tmp_path / f"{base}_fam_2x2.png")
+    wrong = sample_scene(scene_rng(3, 1), shape="circle", color=color)
+    Image.fromarray(render(wrong, (128, 256))).save(tmp_path / f"{base}_direct_2x4.png")
+    rows = {(r["scale"], r["mode"]): r for r in eval_shapes.summarize(eval_shapes.classify(str(tmp_path)))}
+    assert rows[("1x1", "native")]["one_object_shape_and_color_right"] == "1.00"
+    assert rows[("2x2", "fam")]["shape_right"] == "1.00"
+    assert rows[("2x4", "direct")]["shape_right"] == "0.00" and rows[("2x4", "direct")]["color_right"] == "1.00"
+    assert eval_shapes.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["shapes.csv", "shapes.md"]
