@@ -61,5 +61,6 @@ def test_shortened_pass_steps_with_its_own_sigmas():
     scheduler.step = recording_step
     fp(prompt=demo.caption("star", "red", "plain grey"), scale=2, mode="fm", num_inference_steps=4,
        high_res_strength=0.5, generator=torch.Generator().manual_seed(0), output_type="np")
-    assert [index for width, index in seen if width == 32] == [2, 3]  # high-res latent 32 x 32
-    assert [index for width, index in seen if width == 16] == [0, 1, 2, 3]  # the native pass: untouched
+    native = demo.NATIVE_SIZE // 4  # latent side (VAE factor 4)
+    assert [index for width, index in seen if width == 2 * native] == [2, 3]  # the high-res latent
+    assert [index for width, index in seen if width == native] == [0, 1, 2, 3]  # the native pass: untouched
