@@ -159,10 +159,11 @@ def compare(rows: Sequence[dict], baseline: Arm, variant: Arm, metric: str, scal
 
 def compare_all(rows: Sequence[dict], pairs: Sequence[Tuple[Arm, Arm]],
                 metrics: Optional[Sequence[str]] = None) -> List[Comparison]:
-    """Every pair x metric, pooled over scales and then per scale present in the rows."""
+    """Every pair x metric, pooled over scales and then per scale that both arms ran."""
     scales = [s for s in SCALE_ORDER if any(r["scale"] == s for r in rows)]
-    return [compare(rows, base, var, m, scale) for base, var in pairs for m in (metrics or METRICS)
-            for scale in ["all", *scales]]
+    found = [compare(rows, base, var, m, scale) for base, var in pairs for m in (metrics or METRICS)
+             for scale in ["all", *scales]]
+    return [c for c in found if c.n > 0 or c.scale == "all"]  # a scale one arm did not run is left out
 
 
 def _num(x: float, digits: int) -> str:
